@@ -1,0 +1,32 @@
+"""Rank-sparse LoRA kernels: the ground floor of adaptsim (imports nothing from adaptsim).
+
+Importing this package never touches CUDA and does not require Triton.
+"""
+
+from __future__ import annotations
+
+from .gates import AdapterGate, DenseGate, Gate, TopKGate, gate_to_dense, lower_gate
+from .rank_sparse_lora import (
+    BACKENDS,
+    KernelConfig,
+    RankSparseLoRAFunction,
+    rank_sparse_lora,
+    resolve_backend,
+)
+from .reference import ACTIVATIONS, rank_sparse_lora_ref
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "AdapterGate",
+    "DenseGate",
+    "Gate",
+    "KernelConfig",
+    "RankSparseLoRAFunction",
+    "TopKGate",
+    "gate_to_dense",
+    "lower_gate",
+    "rank_sparse_lora",
+    "rank_sparse_lora_ref",
+    "resolve_backend",
+]
