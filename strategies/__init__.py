@@ -1,0 +1,33 @@
+"""adaptsim.strategies: continual-learning strategies on a frozen pretrained backbone.
+
+Registration happens through the explicit imports below (no directory scanning)::
+
+    from adaptsim.strategies import SimpleCIL, get_strategy, list_strategies
+"""
+
+from adaptsim.strategies.base import (
+    BaseStrategyConfig,
+    Strategy,
+    StreamInfo,
+    get_strategy,
+    list_strategies,
+    register_strategy,
+)
+from adaptsim.strategies.finetune import Finetune, FinetuneConfig
+from adaptsim.strategies.joint import Joint, JointConfig
+from adaptsim.strategies.simplecil import SimpleCIL, SimpleCILConfig
+
+__all__ = [
+    "BaseStrategyConfig",
+    "Strategy",
+    "StreamInfo",
+    "get_strategy",
+    "list_strategies",
+    "register_strategy",
+    "Finetune",
+    "FinetuneConfig",
+    "Joint",
+    "JointConfig",
+    "SimpleCIL",
+    "SimpleCILConfig",
+]

@@ -1,0 +1,1 @@
+"""Reusable pieces shared by strategies (heads, prototype classifiers, feature helpers)."""
