@@ -16,28 +16,27 @@ kernels cover forward and backward, each with a ``DENSE`` variant (``idx is None
 
 The ``@triton.jit`` functions are built lazily on first launch (``_kernels()``): Triton decides
 at decoration time whether to interpret (``TRITON_INTERPRET=1``), and building lazily lets a
-test module set that variable after ``adaptsim.kernels`` was first imported. Importing this
-module never touches CUDA; ``import triton`` is guarded.
+test module set that variable after ``adaptsim.kernels`` was first imported (as long as nothing
+else imported ``triton`` before). Importing this module never touches CUDA and never imports
+Triton.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from collections import Counter
 from typing import Any
 
 import torch
 
-try:  # guarded: the package must import without Triton
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only without triton
-    triton = None
-    tl = None
-    HAS_TRITON = False
+# Triton is imported lazily (first launch), never at package import: Triton's own standard
+# library (tl.sum, ...) is jitted when ``triton`` is first imported, and only honours
+# TRITON_INTERPRET=1 if the variable is set by then. Import-time discovery uses find_spec.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+triton: Any = None
+tl: Any = None
 
 __all__ = ["HAS_TRITON", "LAUNCHES", "interpreting", "launch_expand", "launch_outer", "launch_shrink"]
 
@@ -55,8 +54,11 @@ def interpreting() -> bool:
 @functools.cache
 def _kernels() -> dict[str, Any]:
     """Builds (once) and returns the jitted kernels."""
+    global triton, tl
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use backend='reference'")
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def shrink(X, W, IDX, WT, PRE, OUT, DWT, M, K, J,
@@ -176,7 +178,11 @@ def _kernels() -> dict[str, Any]:
 
 def _p2(n: int, lo: int, hi: int) -> int:
     """Next power of two of ``n`` clamped to ``[lo, hi]``."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, 1 << (max(int(n), 1) - 1).bit_length()))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _blocks(dense: bool) -> tuple[int, int, int]:
@@ -223,7 +229,7 @@ def launch_shrink(X: torch.Tensor, W: torch.Tensor, idx: torch.Tensor | None, wt
     dwt = torch.empty(M, J, **f32) if (bwd and wt is not None) else None
     IDX, sim, sij = _idx_args(idx, out)
     WT, stm, stj = (out, 0, 0) if wt is None else (wt, wt.stride(0), wt.stride(1))
-    grid = (triton.cdiv(M, BM), triton.cdiv(J, BJ))
+    grid = (_cdiv(M, BM), _cdiv(J, BJ))
     _kernels()["shrink"][grid](
         X, W, IDX, WT, pre, out, out if dwt is None else dwt, M, K, J,
         X.stride(0), X.stride(1), W.stride(0), W.stride(1), sim, sij, stm, stj, float(scaling),
@@ -242,7 +248,7 @@ def launch_expand(H: torch.Tensor, W: torch.Tensor, idx: torch.Tensor | None, N:
     BJ = _p2(J, 16, BJ)
     Y = torch.empty(M, N, device=H.device, dtype=out_dtype)
     IDX, sim, sij = _idx_args(idx, H)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    grid = (_cdiv(M, BM), _cdiv(N, BN))
     _kernels()["expand"][grid](
         H, W, IDX, Y, M, N, J, swn, swr, sim, sij, Y.stride(0), Y.stride(1),
         DENSE=dense, IEEE=_ieee(W.dtype), BM=BM, BN=BN, BJ=BJ)
@@ -259,7 +265,7 @@ def launch_outer(D: torch.Tensor, X: torch.Tensor, idx: torch.Tensor | None, out
     BM, BJ, BC = _blocks(dense)
     BJ = _p2(J, 16, BJ)
     IDX, sim, sij = _idx_args(idx, D)
-    grid = (triton.cdiv(J, BJ) if dense else triton.cdiv(M, BM), triton.cdiv(C, BC))
+    grid = (_cdiv(J, BJ) if dense else _cdiv(M, BM), _cdiv(C, BC))
     _kernels()["outer"][grid](
         D, X, IDX, out, M, C, J, X.stride(0), X.stride(1), sim, sij, sor, soc,
         DENSE=dense, IEEE=_ieee(X.dtype), BM=BM, BJ=BJ, BC=BC)
