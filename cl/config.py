@@ -36,10 +36,8 @@ class ConfigError(ValueError):
 
 def unknown_key_error(section: str, key: str, valid: list[str]) -> ConfigError:
     """Build the standard unknown-key error message."""
-    return ConfigError(
-        f"unknown key {key!r} in section '{section}'; valid keys: {', '.join(sorted(valid))}"
-        f"{closest(key, valid)}"
-    )
+    listed = ", ".join(sorted(valid)) if valid else "none (this section takes no keys)"
+    return ConfigError(f"unknown key {key!r} in section '{section}'; valid keys: {listed}{closest(key, valid)}")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
