@@ -1,0 +1,235 @@
+"""Typed, strict configuration of a federated run (the YAML ``federated:`` section and friends).
+
+Paper: FFA-LoRA, "Improving LoRA in Privacy-preserving Federated Learning", Sun, Li, Li, Ding,
+ICLR 2024, https://arxiv.org/abs/2403.12313.
+
+YAML layout (``scenario`` holds only a dataset; ``run`` is the CL runner's ``RunConfig``)::
+
+    scenario: {dataset: {name: mnist5k, train_per_class: 100}}
+    backbone: {name: imgfocus_vit_s14, img_size: 56}
+    federated:
+      method: ffa_lora            # lora | ffa_lora
+      mode: inprocess             # inprocess | simulation | deployment
+      num_clients: 10
+      partition: dirichlet
+      dirichlet_alpha: 0.5
+      dp: {epsilon: 8, delta: 1.0e-5, max_grad_norm: 1.0}
+    run: {seed: 0, out_dir: /tmp/runs}
+
+Unknown keys raise :class:`adaptsim.cl.config.ConfigError` naming the section, the valid keys
+and the closest match, like the CL configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from adaptsim.cl.backbones import BackboneConfig
+from adaptsim.cl.config import ConfigError, from_dict, to_dict, unknown_key_error
+from adaptsim.cl.data import DatasetConfig
+from adaptsim.cl.experiment import RunConfig
+
+__all__ = ["DPConfig", "FedScenarioConfig", "FederatedConfig", "FedExperimentConfig",
+           "load_fed_experiment", "METHODS", "MODES", "PARTITIONS", "TARGETS"]
+
+METHODS = ("lora", "ffa_lora")
+MODES = ("inprocess", "simulation", "deployment")
+PARTITIONS = ("iid", "dirichlet")
+TARGETS = ("q", "k", "v")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Sample-level DP-SGD inside each client (Opacus).
+
+    Attributes:
+        epsilon: target epsilon over all of a client's local steps of all rounds; ``None`` or
+            ``.inf`` = no DP (plain SGD, no clipping, no noise).
+        delta: target delta.
+        max_grad_norm: per-example clipping norm C.
+        accountant: Opacus accountant, ``"rdp"`` or ``"prv"``.
+    """
+
+    epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ValueError(f"dp.epsilon must be > 0 (or null/.inf for no DP), got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"dp.delta must be in (0, 1), got {self.delta}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"dp.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"dp.accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """True when a finite epsilon is set."""
+        return self.epsilon is not None and math.isfinite(self.epsilon)
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """The federated run: method, engine, clients, rounds, local training, LoRA, DP.
+
+    Attributes:
+        method: ``"lora"`` (A and B trained and averaged) or ``"ffa_lora"`` (A frozen from
+            ``a_seed``, only B and the head trained and sent).
+        mode: ``"inprocess"`` (sequential loop, :mod:`adaptsim.federated.local_sim`),
+            ``"simulation"`` (Flower simulation engine) or ``"deployment"`` (SuperLink +
+            SuperNodes on loopback).
+        num_clients: number of data partitions / clients.
+        clients_per_round: clients sampled each round (seeded by ``seed`` and the round).
+        rounds: server rounds.
+        local_epochs: local epochs per round.
+        batch_size: local batch size (expected batch size under DP's Poisson sampling).
+        lr: learning rate of the LoRA parameters (FFA-LoRA needs roughly 10x LoRA's).
+        head_lr: learning rate of the linear head (``None`` = ``lr``).
+        momentum: local SGD momentum (the optimizer is rebuilt each round).
+        rank: LoRA rank r.
+        alpha: LoRA alpha (scaling alpha / r).
+        targets: which of q, k, v of the fused ``qkv`` projection get LoRA.
+        lora_blocks: adapt only the last N transformer blocks (``None`` = all). The frozen
+            blocks before them are run once per client and cached (a CPU speed-up).
+        partition: ``"iid"`` or ``"dirichlet"`` label skew.
+        dirichlet_alpha: concentration of the Dirichlet label split.
+        partition_seed: seed of the partition.
+        min_partition_size: the Dirichlet split is redrawn until every client has this many.
+        dp: sample-level DP settings.
+        min_replies: a round completes with at least this many replies (fault tolerance).
+        seed: run seed (global init, client sampling, local batch order).
+        a_seed: seed the server sends in round 0; every client builds bit-identical A from it.
+        eval_batch_size: batch size of the server-side evaluation.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        num_threads: torch CPU threads (0 = leave torch's default).
+    """
+
+    method: str = "ffa_lora"
+    mode: str = "inprocess"
+    num_clients: int = 10
+    clients_per_round: int = 10
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    head_lr: float | None = None
+    momentum: float = 0.0
+    rank: int = 8
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("q", "v")
+    lora_blocks: int | None = None
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    partition_seed: int = 0
+    min_partition_size: int = 2
+    dp: DPConfig = field(default_factory=DPConfig)
+    min_replies: int = 1
+    seed: int = 0
+    a_seed: int = 1234
+    eval_batch_size: int = 256
+    device: str = "auto"
+    num_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"federated.method must be one of {METHODS}, got {self.method!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"federated.mode must be one of {MODES}, got {self.mode!r}")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"federated.partition must be one of {PARTITIONS}, got {self.partition!r}")
+        for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size",
+                     "rank", "min_replies", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"federated.{name} must be >= 1, got {getattr(self, name)}")
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(f"federated.clients_per_round ({self.clients_per_round}) exceeds "
+                             f"num_clients ({self.num_clients})")
+        if self.min_replies > self.clients_per_round:
+            raise ValueError(f"federated.min_replies ({self.min_replies}) exceeds clients_per_round "
+                             f"({self.clients_per_round})")
+        if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
+            raise ValueError("federated.lr and federated.head_lr must be > 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"federated.momentum must be in [0, 1), got {self.momentum}")
+        if not self.targets or any(t not in TARGETS for t in self.targets) or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"federated.targets must be distinct names from {TARGETS}, got {self.targets}")
+        if self.lora_blocks is not None and self.lora_blocks < 1:
+            raise ValueError(f"federated.lora_blocks must be >= 1 or null, got {self.lora_blocks}")
+        if not self.dirichlet_alpha > 0:
+            raise ValueError(f"federated.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+        if self.min_partition_size < 0:
+            raise ValueError(f"federated.min_partition_size must be >= 0, got {self.min_partition_size}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"federated.device must be cpu, cuda or auto, got {self.device!r}")
+
+    @property
+    def sends_a(self) -> bool:
+        """Whether the LoRA A matrices are trained and exchanged (vanilla LoRA)."""
+        return self.method == "lora"
+
+
+@dataclass(frozen=True)
+class FedScenarioConfig:
+    """The data of a federated run: one dataset, partitioned over the clients."""
+
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+
+
+@dataclass(frozen=True)
+class FedExperimentConfig:
+    """A whole federated experiment (hashable: used as the per-process model-cache key)."""
+
+    scenario: FedScenarioConfig = field(default_factory=FedScenarioConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    source: str = ""
+
+    def to_raw(self) -> dict[str, Any]:
+        """The resolved config as plain YAML-ready data (round-trips through the loader)."""
+        return {"scenario": to_dict(self.scenario), "backbone": to_dict(self.backbone),
+                "federated": to_dict(self.federated), "run": to_dict(self.run)}
+
+    def config_hash(self) -> str:
+        """Short hash of everything but the run folder's name and location."""
+        raw = self.to_raw()
+        raw["run"] = {k: v for k, v in raw["run"].items() if k not in ("name", "out_dir")}
+        return hashlib.sha1(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+SECTIONS = ("scenario", "backbone", "federated", "run")
+
+
+def load_fed_experiment(raw: Mapping[str, Any], source: str = "") -> FedExperimentConfig:
+    """Builds a :class:`FedExperimentConfig` from a raw YAML mapping (strict).
+
+    Args:
+        raw: the parsed YAML (overrides already applied).
+        source: where it came from (names the run folder).
+
+    Returns:
+        The typed config.
+
+    Raises:
+        ConfigError: on unknown sections or keys, wrong types or invalid values.
+    """
+    for key in raw:
+        if key not in SECTIONS:
+            raise unknown_key_error("<top level>", key, list(SECTIONS))
+    if "federated" not in raw:
+        raise ConfigError("config needs a 'federated' section")
+    return FedExperimentConfig(
+        scenario=from_dict(FedScenarioConfig, raw.get("scenario"), "scenario"),
+        backbone=from_dict(BackboneConfig, raw.get("backbone"), "backbone"),
+        federated=from_dict(FederatedConfig, raw.get("federated"), "federated"),
+        run=from_dict(RunConfig, raw.get("run"), "run"),
+        source=source,
+    )
