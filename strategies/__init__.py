@@ -15,6 +15,7 @@ from adaptsim.strategies.base import (
 )
 from adaptsim.strategies.finetune import Finetune, FinetuneConfig
 from adaptsim.strategies.joint import Joint, JointConfig
+from adaptsim.strategies.mos import MOS, MOSConfig
 from adaptsim.strategies.simplecil import SimpleCIL, SimpleCILConfig
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "FinetuneConfig",
     "Joint",
     "JointConfig",
+    "MOS",
+    "MOSConfig",
     "SimpleCIL",
     "SimpleCILConfig",
 ]
