@@ -15,7 +15,9 @@ from adaptsim.strategies.base import (
 )
 from adaptsim.strategies.finetune import Finetune, FinetuneConfig
 from adaptsim.strategies.joint import Joint, JointConfig
+from adaptsim.strategies.mora import MoRA, MoRAConfig
 from adaptsim.strategies.mos import MOS, MOSConfig
+from adaptsim.strategies.sema import SEMA, SEMAConfig
 from adaptsim.strategies.simplecil import SimpleCIL, SimpleCILConfig
 
 __all__ = [
@@ -29,8 +31,12 @@ __all__ = [
     "FinetuneConfig",
     "Joint",
     "JointConfig",
+    "MoRA",
+    "MoRAConfig",
     "MOS",
     "MOSConfig",
+    "SEMA",
+    "SEMAConfig",
     "SimpleCIL",
     "SimpleCILConfig",
 ]
