@@ -7,7 +7,7 @@ and whose model is the strategy's ``predict``. Avalanche's ``EvaluationPlugin`` 
 
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.plugins import EvaluationPlugin
-    bridge = AvalancheBridge(strategy, evaluator=EvaluationPlugin(accuracy_metrics(experience=True)))
+    bridge = AvalancheBridge(strategy=strategy, evaluator=EvaluationPlugin(accuracy_metrics(experience=True)))
     for exp in benchmark.train_stream:
         bridge.train(exp)
         bridge.eval(benchmark.test_stream)
@@ -70,7 +70,7 @@ class AvalancheBridge(SupervisedTemplate):
         plugins: further Avalanche plugins.
     """
 
-    def __init__(self, strategy: Any, *, evaluator: Any, eval_mb_size: int = 256, plugins=None) -> None:
+    def __init__(self, *, strategy: Any, evaluator: Any, eval_mb_size: int = 256, plugins=None) -> None:
         model = _PredictModule(strategy)
         super().__init__(
             model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), train_mb_size=eval_mb_size,
