@@ -38,6 +38,10 @@ def main_entry(config: str | None, resume: str | None, rest: list[str], federate
                 if federated_runner is None:
                     raise ConfigError("this entry point cannot run federated scenarios")
                 result = federated_runner(apply_overrides(raw, overrides), config)
+            elif "unlearning" in raw:
+                from adaptsim.cl.unlearning import load_unlearning, run_unlearning
+
+                result = run_unlearning(load_unlearning(config, overrides))
             else:
                 from adaptsim.cl.experiment import load_experiment
                 from adaptsim.cl.runner import run
