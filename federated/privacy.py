@@ -121,7 +121,14 @@ def epsilon_of(history: list[tuple[float, float, int]], dp: DPConfig) -> float:
     """Epsilon spent by ``history`` at ``dp.delta`` under ``dp.accountant`` (0 for no steps)."""
     if not history:
         return 0.0
-    return float(make_accountant(dp.accountant, history).get_epsilon(delta=dp.delta))
+    key = tuple((float(s), float(q), int(n)) for s, q, n in history)
+    return _epsilon(key, dp.delta, dp.accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon(history: tuple, delta: float, accountant: str) -> float:
+    """Opacus' epsilon of a history (cached: the RDP/PRV conversion is slow)."""
+    return float(make_accountant(accountant, list(history)).get_epsilon(delta=delta))
 
 
 def would_exceed(history: list[tuple[float, float, int]], plan: DPPlan, dp: DPConfig) -> bool:

@@ -39,12 +39,13 @@ from adaptsim.federated.privacy import (epsilon_of, flatten_history, make_accoun
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_model", "get_model", "load_data", "client_dataset", "trainable_arrays",
+__all__ = ["build_model", "get_model", "initial_arrays", "load_data", "client_dataset", "trainable_arrays",
            "load_arrays", "client_fit", "evaluate", "prefix_tokens", "resolve_device"]
 
 _MODELS: dict[tuple, FedLoRAModel] = {}
 _DATA: dict[Any, tuple[ImageTensorDataset, ImageTensorDataset]] = {}
 _PREFIX: dict[tuple[str, str], torch.Tensor] = {}
+_INITIAL: dict[tuple, dict[str, np.ndarray]] = {}
 
 
 def resolve_device(cfg: FedExperimentConfig) -> torch.device:
@@ -90,8 +91,17 @@ def get_model(cfg: FedExperimentConfig) -> FedLoRAModel:
     """:func:`build_model`, cached per process (callers always load the round's arrays)."""
     key = _model_key(cfg)
     if key not in _MODELS:
-        _MODELS[key] = build_model(cfg)
+        model = build_model(cfg)
+        _INITIAL[key] = trainable_arrays(model, "lora")  # A, B and head as built
+        _MODELS[key] = model
     return _MODELS[key]
+
+
+def initial_arrays(cfg: FedExperimentConfig) -> dict[str, np.ndarray]:
+    """The server's round-0 global arrays (as built from the seeds, whatever the cache holds)."""
+    model = get_model(cfg)
+    init = _INITIAL[_model_key(cfg)]
+    return {n: init[n].copy() for n in _sent_names(model, cfg.federated.method)}
 
 
 def _sent_names(model: nn.Module, method: str) -> list[str]:

@@ -1,0 +1,166 @@
+"""In-process federated simulation: a sequential round loop over the same pure functions.
+
+Paper: FFA-LoRA, "Improving LoRA in Privacy-preserving Federated Learning", Sun et al., ICLR 2024,
+https://arxiv.org/abs/2403.12313.
+
+Each round: sample ``clients_per_round`` clients (seeded by ``seed`` and the round), send them
+the global arrays (bytes down), run :func:`adaptsim.federated.task.client_fit` for each (bytes
+up), FedAvg the replies weighted by examples, evaluate on the global test set, checkpoint. The
+Flower modes (simulation engine, deployment) run the same ``client_fit``/``fedavg``/``evaluate``
+and write the same round metrics. A client that raises counts as a failure; the round completes
+if at least ``min_replies`` replies arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from adaptsim.federated.aggregation import fedavg
+from adaptsim.federated.comm import RoundTraffic
+from adaptsim.federated.config import FedExperimentConfig
+from adaptsim.federated.task import client_dataset, client_fit, evaluate, get_model, initial_arrays, load_data
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_inprocess", "sample_clients", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round_idx: int) -> list[int]:
+    """Seeded client sample of round ``round_idx`` (sorted ids; all clients when equal)."""
+    if per_round >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, round_idx])
+    return sorted(int(k) for k in rng.choice(num_clients, per_round, replace=False))
+
+
+def save_checkpoint(run_dir: Path, round_no: int, global_arrays: dict[str, np.ndarray],
+                    client_states: dict[str, dict | None], rounds: list[dict]) -> Path:
+    """Writes ``checkpoints/round_NNN.npz`` (global arrays) and ``round_NNN.json`` (states, metrics)."""
+    ck = Path(run_dir) / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    np.savez(ck / f"round_{round_no:03d}.npz", **global_arrays)
+    payload = {"round": round_no, "client_states": client_states, "rounds": rounds}
+    path = ck / f"round_{round_no:03d}.json"
+    path.write_text(json.dumps(_json_safe(payload)))
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> int | None:
+    """The last round with a complete checkpoint in ``run_dir`` (or None)."""
+    done = sorted(int(p.stem.split("_")[1]) for p in (Path(run_dir) / "checkpoints").glob("round_*.json"))
+    return done[-1] if done else None
+
+
+def load_checkpoint(run_dir: Path, round_no: int) -> tuple[dict[str, np.ndarray], dict, list[dict]]:
+    """Inverse of :func:`save_checkpoint`: ``(global_arrays, client_states, rounds)``."""
+    ck = Path(run_dir) / "checkpoints"
+    with np.load(ck / f"round_{round_no:03d}.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    payload = json.loads((ck / f"round_{round_no:03d}.json").read_text())
+    return arrays, payload["client_states"], _json_restore(payload["rounds"])
+
+
+def _json_safe(obj):
+    """inf/nan -> strings (JSON has no such numbers); restored by :func:`_json_restore`."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _json_restore(obj):
+    if obj in ("inf", "-inf", "nan"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _json_restore(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_restore(v) for v in obj]
+    return obj
+
+
+def run_inprocess(cfg: FedExperimentConfig, run_dir: Path | None = None, *, resume: bool = False,
+                  stop_after: int | None = None,
+                  on_round: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Runs the federated rounds sequentially in this process.
+
+    Args:
+        cfg: the experiment (``federated.mode`` is not checked here).
+        run_dir: where checkpoints go (``None``: no checkpoints).
+        resume: continue from the last checkpoint in ``run_dir``.
+        stop_after: stop after this many rounds in total (simulates a killed run).
+        on_round: called with all round metrics so far after every round.
+
+    Returns:
+        The round metrics: ``round, accuracy, loss, epsilon {client: eps}, bytes_up, bytes_down,
+        seconds, replies, failures, budget_spent [clients], train_loss``.
+
+    Raises:
+        RuntimeError: if a round gets fewer than ``min_replies`` replies.
+    """
+    fed = cfg.federated
+    model = get_model(cfg)
+    _, test = load_data(cfg)
+    parts = [client_dataset(cfg, k, fed.num_clients)[0] for k in range(fed.num_clients)]
+    global_arrays = initial_arrays(cfg)
+    states: dict[str, dict | None] = {str(k): None for k in range(fed.num_clients)}
+    rounds: list[dict] = []
+    start = 0
+    if resume and run_dir is not None and (last := latest_checkpoint(run_dir)) is not None:
+        global_arrays, states, rounds = load_checkpoint(run_dir, last)
+        start = last
+        log.info("resuming %s after round %d", run_dir, last)
+    no_dp = math.inf if not fed.dp.enabled else 0.0
+    last_eps = {str(k): no_dp for k in range(fed.num_clients)}
+    if rounds:
+        last_eps.update(rounds[-1]["epsilon"])
+    end = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
+    for r in range(start, end):
+        t0 = time.perf_counter()
+        traffic, results, failures, spent, losses = RoundTraffic(), [], 0, [], []
+        for k in sample_clients(fed.num_clients, fed.clients_per_round, fed.seed, r):
+            cid = str(k)
+            traffic.sent_down(cid, global_arrays)
+            try:
+                out, n, met, states[cid] = client_fit(model, global_arrays, parts[k], cfg, states[cid],
+                                                      client_id=k, round_idx=r)
+            except Exception:  # a crashed client is a failed reply, not a failed round
+                log.exception("round %d: client %d failed", r + 1, k)
+                failures += 1
+                continue
+            traffic.sent_up(cid, out)
+            results.append((out, n))
+            last_eps[cid] = float(met["epsilon"])
+            if met["budget_spent"]:
+                spent.append(k)
+            elif n > 0:
+                losses.append((met["loss"], n))
+        if len(results) < fed.min_replies:
+            raise RuntimeError(f"round {r + 1}: {len(results)} replies < min_replies={fed.min_replies}")
+        if any(n > 0 for _, n in results):
+            global_arrays = fedavg(results)
+        else:
+            log.warning("round %d: every sampled client has spent its budget; model unchanged", r + 1)
+        ev = evaluate(model, global_arrays, test, fed.eval_batch_size)
+        train_loss = (sum(l * n for l, n in losses) / sum(n for _, n in losses)) if losses else math.nan
+        rounds.append({"round": r + 1, "accuracy": ev["accuracy"], "loss": ev["loss"],
+                       "epsilon": dict(last_eps), **traffic.totals(),
+                       "seconds": time.perf_counter() - t0, "replies": len(results),
+                       "failures": failures, "budget_spent": spent, "train_loss": train_loss})
+        log.info("round %d/%d: accuracy %.4f, max epsilon %.3g, up %d B, down %d B, %.1f s",
+                 r + 1, fed.rounds, ev["accuracy"], max(last_eps.values()), rounds[-1]["bytes_up"],
+                 rounds[-1]["bytes_down"], rounds[-1]["seconds"])
+        if run_dir is not None:
+            save_checkpoint(run_dir, r + 1, global_arrays, states, rounds)
+        if on_round is not None:
+            on_round(rounds)
+    return rounds
