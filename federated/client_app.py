@@ -1,0 +1,88 @@
+"""Flower ClientApp of adaptsim (Message API): converts Messages to and from :mod:`.task` calls.
+
+Paper: FFA-LoRA, "Improving LoRA in Privacy-preserving Federated Learning", Sun et al., ICLR 2024,
+https://arxiv.org/abs/2403.12313.
+
+- ``query`` (round 0): stores the ``a-seed`` the server sends in ``context.state`` and answers
+  with this node's ``partition-id``/``num-partitions`` (from the SuperNode's node config).
+- ``train``: rebuilds (or reuses, per process) the model with A from that seed, runs
+  :func:`~adaptsim.federated.task.client_fit` and keeps its DP accountant state in
+  ``context.state`` across rounds (Flower keeps ``context.state`` per node and run).
+- ``evaluate``: accuracy and loss of the received arrays on the global test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from adaptsim.federated.flower_glue import (arrays_to_record, experiment_from_run_config, record_to_arrays,
+                                            state_get, state_put)
+
+app = ClientApp()
+
+
+def _setup(context: Context) -> tuple[Any, int, int, dict]:
+    """(experiment with the server's A seed, partition id, number of partitions, client state)."""
+    import torch
+
+    cfg = experiment_from_run_config(context.run_config)
+    pid, nparts = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    state = state_get(context)
+    if "a_seed" in state:  # A must be bit-identical on every client: use the server's seed
+        cfg = dataclasses.replace(cfg, federated=dataclasses.replace(cfg.federated, a_seed=int(state["a_seed"])))
+    if cfg.federated.num_threads:
+        torch.set_num_threads(cfg.federated.num_threads)
+    return cfg, pid, nparts, state
+
+
+@app.query()
+def handshake(msg: Message, context: Context) -> Message:
+    """Round 0: remember the server's ``a-seed``; report this node's partition."""
+    state = state_get(context)
+    state["a_seed"] = int(msg.content["config"]["a-seed"])
+    state_put(context, state)
+    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"]),
+                            "num-partitions": int(context.node_config["num-partitions"])})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One local round: global arrays in, trained arrays (what the method sends) out.
+
+    Raises:
+        RuntimeError: if this node never received the server's A seed (round 0).
+    """
+    from adaptsim.federated.task import client_dataset, client_fit, get_model
+
+    cfg, pid, nparts, state = _setup(context)
+    if "a_seed" not in state:
+        raise RuntimeError(f"client {pid}: no A seed from the server (missed the round-0 handshake)")
+    train_ds, _ = client_dataset(cfg, pid, nparts)
+    server_round = int(msg.content["config"]["server-round"])
+    arrays, n, met, state["client"] = client_fit(get_model(cfg), record_to_arrays(msg.content["arrays"]),
+                                                 train_ds, cfg, state.get("client"), client_id=pid,
+                                                 round_idx=server_round - 1)
+    state_put(context, state)
+    metrics = MetricRecord({"num-examples": n, "partition-id": pid, "epsilon": float(met["epsilon"]),
+                            "loss": float(met["loss"]), "budget-spent": int(met["budget_spent"]),
+                            "steps": int(met["steps"])})
+    return Message(RecordDict({"arrays": arrays_to_record(arrays), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy and loss of the received global arrays on the global test set."""
+    from adaptsim.federated.task import client_dataset, evaluate as evaluate_arrays, get_model
+
+    cfg, pid, nparts, _ = _setup(context)
+    _, test_ds = client_dataset(cfg, pid, nparts)
+    ev = evaluate_arrays(get_model(cfg), record_to_arrays(msg.content["arrays"]), test_ds,
+                         cfg.federated.eval_batch_size)
+    metrics = MetricRecord({"num-examples": int(ev["num_examples"]), "accuracy": float(ev["accuracy"]),
+                            "loss": float(ev["loss"]), "partition-id": pid})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,77 @@
+"""Flower ServerApp of adaptsim (Message API): handshake, then :class:`AdaptsimFedAvg` rounds.
+
+Paper: FFA-LoRA, "Improving LoRA in Privacy-preserving Federated Learning", Sun et al., ICLR 2024,
+https://arxiv.org/abs/2403.12313.
+
+Round 0 is a handshake (``query`` messages to every connected node): the server sends the seed
+of the shared LoRA A matrices and learns which partition each node holds. Rounds 1..R run
+Flower's strategy loop (``Strategy.start``) with adaptsim's FedAvg; after every round the run
+folder gets the same ``metrics.json``/plots/checkpoints as an in-process run, plus
+``flower_rounds.json`` for the process that started ``flwr run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from adaptsim.federated.flower_glue import arrays_to_record, experiment_from_run_config
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+def handshake(grid: Grid, cfg, timeout: float) -> dict[int, int]:
+    """Waits for ``num_clients`` nodes, sends them the A seed, maps partition id -> node id.
+
+    Raises:
+        TimeoutError: if too few nodes connect or answer within ``timeout`` seconds.
+        ValueError: if a node's ``num-partitions`` differs from ``federated.num_clients``.
+    """
+    fed, deadline = cfg.federated, time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < fed.num_clients:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(nodes)} of {fed.num_clients} SuperNodes connected after {timeout:.0f}s")
+        time.sleep(0.5)
+    config = ConfigRecord({"a-seed": fed.a_seed})
+    msgs = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    node_of: dict[int, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if reply.has_error():
+            logger.warning("handshake: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        met = reply.content["metrics"]
+        if int(met["num-partitions"]) != fed.num_clients:
+            raise ValueError(f"node {reply.metadata.src_node_id} has num-partitions={int(met['num-partitions'])}, "
+                             f"federated.num_clients={fed.num_clients}")
+        node_of[int(met["partition-id"])] = reply.metadata.src_node_id
+    if len(node_of) < fed.min_replies:
+        raise TimeoutError(f"handshake: {len(node_of)} nodes answered, min_replies={fed.min_replies}")
+    logger.info("handshake: %d clients, partition -> node %s", len(node_of), node_of)
+    return node_of
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Runs ``federated.rounds`` rounds and writes the run folder."""
+    import torch
+
+    from adaptsim.federated.flower_strategy import AdaptsimFedAvg
+    from adaptsim.federated.runner import new_run_dir
+    from adaptsim.federated.task import initial_arrays
+
+    cfg = experiment_from_run_config(context.run_config)
+    run_dir = Path(str(context.run_config.get("run-dir", "")) or new_run_dir(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timeout = float(context.run_config.get("round-timeout", 600.0))
+    if cfg.federated.num_threads:
+        torch.set_num_threads(cfg.federated.num_threads)
+    strategy = AdaptsimFedAvg(cfg, handshake(grid, cfg, timeout), run_dir)
+    strategy.start(grid, arrays_to_record(initial_arrays(cfg)), num_rounds=cfg.federated.rounds,
+                   timeout=timeout, evaluate_fn=strategy.central_evaluate)
+    logger.info("run folder: %s", run_dir)
