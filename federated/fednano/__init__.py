@@ -1,0 +1,1 @@
+"""FedNano: server-held frozen model, client NanoAdapters, Fisher-guided merging."""
