@@ -303,15 +303,19 @@ class O3Unlearner(nn.Module):
         return self.head(pooled)
 
     @torch.no_grad()
+    def predict_dataset(self, ds: ImageTensorDataset) -> tuple[Tensor, Tensor]:
+        """Predicted classes (N,) and unlearning weights (N,) of a whole dataset, batched."""
+        bs, preds, ws = self.config.eval_batch_size, [], []
+        for i in range(0, len(ds), bs):
+            w = self.unlearn_weight(ds.x[i:i + bs]).to(self.device)
+            pooled, _ = self.encode(ds.x[i:i + bs], 0, w)
+            preds.append(self.head(pooled).argmax(1).cpu())
+            ws.append(w.cpu())
+        return torch.cat(preds), torch.cat(ws)
+
     def accuracy(self, ds: ImageTensorDataset) -> tuple[float, float]:
         """(accuracy, mean unlearning weight) on ``ds``."""
         if len(ds) == 0:
             return float("nan"), float("nan")
-        bs, correct, wsum = self.config.eval_batch_size, 0, 0.0
-        for i in range(0, len(ds), bs):
-            x, y = ds.x[i:i + bs], ds.y[i:i + bs].to(self.device)
-            w = self.unlearn_weight(x).to(self.device)
-            pooled, _ = self.encode(x, 0, w)
-            correct += int((self.head(pooled).argmax(1) == y).sum())
-            wsum += float(w.sum())
-        return correct / len(ds), wsum / len(ds)
+        pred, w = self.predict_dataset(ds)
+        return (pred == ds.y).float().mean().item(), w.mean().item()

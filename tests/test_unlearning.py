@@ -1,0 +1,100 @@
+"""The continual-unlearning runner: strict config, run folder, exact-unlearning baseline, entry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from adaptsim.cl.config import ConfigError
+from adaptsim.cl.data import DatasetConfig, load_dataset
+from adaptsim.cl.unlearning import run_unlearning, split_request, unlearning_from_raw
+
+TINY = {"name": "tiny_vit", "img_size": 8, "tiny_patch": 8, "tiny_dim": 64, "tiny_depth": 2, "tiny_heads": 2}
+
+
+def _raw(tmp_path, method: str = "retrain", **method_kw) -> dict:
+    return {
+        "unlearning": {"dataset": {"name": "digits", "train_per_class": 40, "test_per_class": 20},
+                       "requests": [[0], [1]]},
+        "method": {"name": method, "epochs": 2, "lr": 3e-3, "head_epochs": 30,
+                   "detector": {"layers": [-1], "epochs": 0}, **method_kw},
+        "backbone": dict(TINY),
+        "train": {"device": "cpu", "num_threads": 1, "progress": False},
+        "run": {"out_dir": str(tmp_path), "name": f"run_{method}"},
+    }
+
+
+@pytest.mark.parametrize("section,key", [("<top level>", "methd"), ("unlearning", "request"),
+                                         ("method", "orth_wieght"), ("method.detector", "layer")],
+                         ids=["top", "unlearning", "method", "detector"])
+def test_unknown_keys_raise_with_section(tmp_path, section, key):
+    raw = _raw(tmp_path)
+    node = raw if section == "<top level>" else raw["method"]["detector"] if section == "method.detector" else raw[section]
+    node[key] = 1
+    with pytest.raises(ConfigError, match=f"unknown key '{key}' in section '{section}'"):
+        unlearning_from_raw(raw)
+
+
+@pytest.mark.parametrize("requests,match", [([[0], [0, 1]], "disjoint"), ([], "non-empty"), ([[0], [-1]], "negative")],
+                         ids=["overlap", "empty", "negative"])
+def test_bad_requests_raise(tmp_path, requests, match):
+    raw = _raw(tmp_path)
+    raw["unlearning"]["requests"] = requests
+    with pytest.raises(ConfigError, match=match):
+        unlearning_from_raw(raw)
+
+
+def test_more_requests_than_detector_blocks_raise(tmp_path):
+    raw = _raw(tmp_path, method="o3", max_requests=1)
+    with pytest.raises(ConfigError, match="max_requests"):
+        unlearning_from_raw(raw)
+
+
+def test_class_outside_dataset_raises(tmp_path):
+    raw = _raw(tmp_path)
+    raw["unlearning"]["requests"] = [[0], [12]]
+    with pytest.raises(ConfigError, match="12"):
+        run_unlearning(unlearning_from_raw(raw))
+
+
+def test_split_request():
+    train = load_dataset(DatasetConfig(name="digits", train_per_class=5))[0]
+    inside, outside = split_request(train, {3, 7})
+    assert set(inside.y.tolist()) == {3, 7} and len(inside) == 10
+    assert not {3, 7} & set(outside.y.tolist()) and len(outside) == len(train) - 10
+
+
+def test_retrain_run_writes_folder_and_forgets_exactly(tmp_path):
+    torch.manual_seed(0)
+    result = run_unlearning(unlearning_from_raw(_raw(tmp_path)))
+    run_dir = result.run_dir
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "unlearning_curve.png").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rows = metrics["rows"]
+    assert [r["requests_done"] for r in rows] == [0, 1, 2] and len(metrics["train_seconds"]) == 3
+    orig = rows[0]["request_test_acc"]
+    assert min(orig) > 0.7  # both digits were recognised before any request
+    final = rows[-1]
+    # retraining on the retained data never predicts a forgotten class
+    assert final["forget_test_acc"] < 0.05 and final["forget_train_acc"] < 0.05
+    assert final["retained_test_acc"] >= rows[0]["retained_test_acc"] - 0.05
+    assert rows[1]["request_test_acc"][1] > 0.7  # request 2 not yet processed after request 1
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["method"]["name"] == "retrain"
+
+
+def test_entry_dispatches_unlearning_yaml(tmp_path, capsys):
+    from adaptsim.cl.entry import main_entry
+
+    path = tmp_path / "unlearn.yaml"
+    raw = _raw(tmp_path, method="random_labels")
+    raw["unlearning"]["requests"] = [[0]]
+    path.write_text(yaml.safe_dump(raw))
+    assert main_entry(str(path), None, ["--method.epochs=1"]) == 0
+    run_dir = tmp_path / "run_random_labels"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["method"] == "random_labels" and len(metrics["rows"]) == 2
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["method"]["epochs"] == 1
+    assert str(run_dir) in capsys.readouterr().out
