@@ -222,16 +222,17 @@ class LocalFederation:
             self.supernodes.append(self.start_supernode(i))
         return self
 
-    def start_supernode(self, i: int, private_key: Path | None = None) -> subprocess.Popen:
-        """Starts SuperNode ``i`` (``partition-id=i``); returns its process."""
+    def start_supernode(self, i: int, private_key: Path | None = None, log_name: str | None = None,
+                        max_retries: int = 20) -> subprocess.Popen:
+        """Starts SuperNode ``i`` (``partition-id=i``); logs to ``logs/<log_name or supernode_i>.log``."""
         key = private_key or (self.node_keys[i][0] if self.node_keys else None)
         cmd = [_exe("flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
                "--node-config", f"partition-id={i} num-partitions={self.num_supernodes}",
-               "--max-retries", "20"]
+               "--max-retries", str(max_retries)]
         cmd += ["--root-certificates", str(self.tls.ca_cert)] if self.tls else ["--insecure"]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
-        return _spawn(cmd, self.logs / f"supernode_{i}.log", self.env)
+        return _spawn(cmd, self.logs / f"{log_name or f'supernode_{i}'}.log", self.env)
 
     def register_node(self, public_key: Path) -> None:
         """``flwr supernode register <public_key>`` against this SuperLink.
