@@ -213,7 +213,8 @@ class Backbone(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-2:] != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=True)
+            size = (self.img_size, self.img_size)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         return (x - self.mean) / self.std
 
     def forward(self, x: Tensor) -> Tensor:
@@ -235,10 +236,20 @@ class Backbone(nn.Module):
         if self.kind == "timm":
             tokens = self.model.forward_features(x)
             return tokens.flatten(2).transpose(1, 2) if tokens.ndim == 4 else tokens  # CNN maps -> (B, HW, C)
-        out = self.model.forward_intermediates(
-            x, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC", output_extra_tokens=True
+        out = self.model.forward_intermediates(  # last block, through ln_post, CLS returned separately
+            x, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC",
+            output_extra_tokens=True,
         )
         return torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
+
+
+def _weights_error(library: str, model: str, tag: str, exc: Exception) -> PretrainedWeightsUnavailableError:
+    """The one error raised when hub weights cannot be had; names them and the offline backbone."""
+    return PretrainedWeightsUnavailableError(
+        f"Could not download or load pretrained {library} weights for model {model!r} (tag {tag!r}): "
+        f"{type(exc).__name__}: {str(exc).rstrip('.')}. The machine may be offline (or HF_HUB_OFFLINE=1 with "
+        f"nothing cached); no random weights were substituted. {OFFLINE_BACKBONE_HINT}"
+    )
 
 
 def _timm_backbone(model: nn.Module, cfg: BackboneConfig, weights_id: str | None) -> Backbone:
@@ -282,12 +293,7 @@ def _create_timm_hub(cfg: BackboneConfig) -> Backbone:
     except Exception as exc:  # hub/network/cache errors come in many types (OSError, httpx, RuntimeError)
         if not cfg.pretrained:
             raise
-        raise PretrainedWeightsUnavailableError(
-            f"Could not download or load pretrained timm weights for model {cfg.name!r} "
-            f"(tag {cfg.pretrained_tag or 'default'!r}): {type(exc).__name__}: {str(exc).rstrip('.')}. The machine may be "
-            f"offline (or HF_HUB_OFFLINE=1 with nothing cached); no random weights were substituted. "
-            f"{OFFLINE_BACKBONE_HINT}"
-        ) from exc
+        raise _weights_error("timm", cfg.name, cfg.pretrained_tag or "default", exc) from exc
     weights_id = f"timm:{full_name}" if cfg.pretrained else None
     return _timm_backbone(model, cfg, weights_id)
 
@@ -356,7 +362,11 @@ def _tiny_clip(cfg: BackboneConfig) -> tuple[nn.Module, Callable[..., Tensor]]:
 
     head_width = cfg.tiny_dim // cfg.tiny_heads
     vision = CLIPVisionCfg(
-        layers=cfg.tiny_depth, width=cfg.tiny_dim, head_width=head_width, patch_size=cfg.tiny_patch, image_size=cfg.img_size
+        layers=cfg.tiny_depth,
+        width=cfg.tiny_dim,
+        head_width=head_width,
+        patch_size=cfg.tiny_patch,
+        image_size=cfg.img_size,
     )
     context = 16
     text = CLIPTextCfg(context_length=context, width=cfg.tiny_dim, heads=cfg.tiny_heads, layers=cfg.tiny_depth)
@@ -390,15 +400,13 @@ def create_clip(cfg: BackboneConfig) -> ClipModel:
         arch = cfg.name[len(OPEN_CLIP_PREFIX) :]
         tag = cfg.pretrained_tag if cfg.pretrained else None
         try:
-            model = open_clip.create_model(arch, pretrained=tag, force_image_size=cfg.img_size, require_pretrained=tag is not None)
+            model = open_clip.create_model(
+                arch, pretrained=tag, force_image_size=cfg.img_size, require_pretrained=tag is not None
+            )
         except Exception as exc:  # hub/network/cache errors come in many types
             if tag is None:
                 raise
-            raise PretrainedWeightsUnavailableError(
-                f"Could not download or load open_clip weights for model {arch!r} (tag {tag!r}): "
-                f"{type(exc).__name__}: {str(exc).rstrip('.')}. The machine may be offline (or HF_HUB_OFFLINE=1 with nothing "
-                f"cached); no random weights were substituted. {OFFLINE_BACKBONE_HINT}"
-            ) from exc
+            raise _weights_error("open_clip", arch, tag, exc) from exc
         tokenizer = open_clip.get_tokenizer(arch)
         weights_id = f"open_clip:{arch}.{tag}" if tag else None
     else:
