@@ -203,3 +203,28 @@ def test_config_validation_names_the_field(field, value):
 def test_text_classifier_needs_open_clip(stream):
     with pytest.raises(ValueError, match="classifier"):
         make(stream, tiny_vit(), classifier="text")
+
+
+def test_layer_runs_on_the_triton_gated_kernel():
+    """The Triton kernel (interpreted on CPU, compiled on CUDA) gives the reference's numbers."""
+    from adaptsim.kernels import triton_kernels as tk
+    from adaptsim.kernels.rank_sparse_lora import resolve_backend
+
+    x0 = torch.randn(5, 6)
+    try:
+        resolve_backend("triton", x0.cuda() if torch.cuda.is_available() else x0)
+    except RuntimeError as exc:  # no triton, or CPU without TRITON_INTERPRET=1
+        pytest.skip(str(exc))
+    assert tk.HAS_TRITON
+    outs = []
+    for backend in ("triton", "reference"):
+        layer = layer_with_experts(R=10, top_k=3, delta=0.0)
+        layer.experts.backend = backend
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        layer.to(dev)
+        x = x0.to(dev).requires_grad_(True)
+        y = layer(x)
+        y.square().sum().backward()
+        outs.append((y.detach().cpu(), layer.experts.more_A["0"].grad.cpu(), layer.experts.more_B["0"].grad.cpu()))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-4)
