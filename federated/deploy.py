@@ -393,10 +393,10 @@ def run_deployment_mode(cfg: Any, run_dir: str | Path, *, round_timeout: float =
     Returns:
         One metrics dict per round.
     """
-    from adaptsim.federated.flower_glue import experiment_to_run_config, read_rounds
+    from adaptsim.federated.flower_glue import launch_run_config, read_rounds
 
     run_dir = Path(run_dir)
     work = run_dir / "flower"
     with LocalFederation(work, cfg.federated.num_clients) as fed:
-        fed.run({**experiment_to_run_config(cfg), "run-dir": str(run_dir), "round-timeout": round_timeout})
+        fed.run(launch_run_config(cfg, run_dir, round_timeout))
     return read_rounds(run_dir)

@@ -12,8 +12,11 @@
   process that started ``flwr run`` (simulation and deployment modes).
 
 Engine-only keys (not part of the experiment): ``run-dir`` (where the ServerApp writes the run
-folder; empty = a new folder under ``run.out_dir``) and ``round-timeout`` (seconds the server
-waits for replies in one round before it completes the round with those it has).
+folder; empty = a new folder under ``run.out_dir``), ``round-timeout`` (seconds the server
+waits for replies in one round before it completes the round with those it has) and
+``experiment``: the whole resolved experiment as JSON, set by adaptsim's own launchers
+(:mod:`.sim_engine`, :mod:`.deploy`) so that every field travels, including fields added after
+``pyproject.toml`` was written; when it is set, the kebab-case keys are ignored.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["ENGINE_KEYS", "arrays_to_record", "record_to_arrays", "experiment_to_run_config",
+__all__ = ["ENGINE_KEYS", "launch_run_config", "arrays_to_record", "record_to_arrays", "experiment_to_run_config",
            "experiment_from_run_config", "state_get", "state_put", "write_rounds", "read_rounds",
            "ROUNDS_FILE"]
 
-ENGINE_KEYS = {"run-dir": "", "round-timeout": 600.0}
+ENGINE_KEYS = {"run-dir": "", "round-timeout": 600.0, "experiment": ""}
 ROUNDS_FILE = "flower_rounds.json"
 _STATE_KEY = "adaptsim"
 
@@ -71,6 +74,11 @@ def experiment_to_run_config(cfg: Any) -> dict[str, Any]:
     return _flatten(cfg.to_raw())
 
 
+def launch_run_config(cfg: Any, run_dir: str | Path, round_timeout: float = 600.0) -> dict[str, Any]:
+    """The ``run_config`` overrides adaptsim's launchers pass: the experiment as JSON + engine keys."""
+    return {"experiment": json.dumps(cfg.to_raw()), "run-dir": str(run_dir), "round-timeout": float(round_timeout)}
+
+
 def _decode(cls: type, data: Mapping[str, Any], section: str) -> dict[str, Any]:
     """Undo the TOML encodings field by field, using ``cls``'s type hints."""
     hints = typing.get_type_hints(cls)
@@ -101,8 +109,17 @@ def experiment_from_run_config(run_config: Mapping[str, Any], source: str = "flw
     Raises:
         adaptsim.cl.config.ConfigError: on unknown keys or invalid values (named).
     """
+    if run_config.get("experiment"):
+        return _experiment_json(str(run_config["experiment"]), source)
     return _experiment_cached(tuple(sorted((k, v) for k, v in run_config.items() if k not in ENGINE_KEYS)),
                               source)
+
+
+@lru_cache(maxsize=8)
+def _experiment_json(text: str, source: str) -> Any:
+    from adaptsim.federated.config import load_fed_experiment
+
+    return load_fed_experiment(json.loads(text), source=source)
 
 
 @lru_cache(maxsize=8)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptsim.federated.deploy import LocalFederation
-from adaptsim.federated.flower_glue import experiment_to_run_config, read_rounds
+from adaptsim.federated.flower_glue import launch_run_config, read_rounds
 
 __all__ = ["run_simulation_mode", "simulation_federation_config"]
 
@@ -53,6 +53,6 @@ def run_simulation_mode(cfg: Any, run_dir: str | Path, *, num_cpus: int | None =
     """
     run_dir = Path(run_dir)
     with LocalFederation(run_dir / "flower", 0, simulation=True) as fed:
-        fed.run({**experiment_to_run_config(cfg), "run-dir": str(run_dir), "round-timeout": round_timeout},
+        fed.run(launch_run_config(cfg, run_dir, round_timeout),
                 federation_config=simulation_federation_config(cfg, num_cpus))
     return read_rounds(run_dir)
