@@ -1,0 +1,51 @@
+"""Shared helpers of the real-process Flower tests (SuperLink/SuperNodes on loopback)."""
+
+from __future__ import annotations
+
+import psutil
+
+from adaptsim.federated.config import load_fed_experiment
+from adaptsim.federated.flower_glue import launch_run_config
+
+# Small and quick: tiny random ViT on 16 px digits, IID split, 2 clients.
+TINY = {"scenario": {"dataset": {"name": "digits", "train_per_class": 30, "test_per_class": 15}},
+        "backbone": {"name": "tiny_vit", "img_size": 16, "tiny_patch": 4, "tiny_dim": 32, "tiny_depth": 2,
+                     "tiny_heads": 2},
+        "federated": {"mode": "deployment", "num_clients": 2, "clients_per_round": 2, "rounds": 2,
+                      "local_epochs": 2, "lr": 0.1, "head_lr": 0.3, "partition": "iid", "num_threads": 1,
+                      "eval_batch_size": 512},
+        "run": {"out_dir": "/tmp/runs", "plots": False}}
+
+
+def run_config(run_dir, round_timeout: float = 300.0, **federated) -> dict:
+    """Flat run_config of TINY with ``federated`` overrides, writing to ``run_dir``."""
+    raw = {k: dict(v) for k, v in TINY.items()}
+    raw["federated"] = {**raw["federated"], **federated}
+    cfg = load_fed_experiment(raw, "test")
+    return launch_run_config(cfg, run_dir, round_timeout)
+
+
+def alive(pids) -> list[int]:
+    """The pids that still run (zombies count as gone)."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def tree(fed) -> list[int]:
+    """Pids of every process the federation started, with their descendants."""
+    pids = []
+    for proc in [fed.superlink, *fed.supernodes]:
+        if proc is None:
+            continue
+        pids.append(proc.pid)
+        try:
+            pids += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    return pids
