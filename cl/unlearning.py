@@ -107,7 +107,8 @@ def load_unlearning(path: str, overrides: Mapping[str, Any] | None = None) -> Un
     return unlearning_from_raw(apply_overrides(read_yaml(path), overrides or {}), source=str(path))
 
 
-def split_request(ds: ImageTensorDataset, classes: list[int] | set[int]) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+def split_request(ds: ImageTensorDataset,
+                  classes: list[int] | set[int]) -> tuple[ImageTensorDataset, ImageTensorDataset]:
     """(samples whose class is in ``classes``, the rest)."""
     inside = torch.isin(ds.y, torch.tensor(sorted(classes), dtype=torch.long))
     return ds.subset(torch.nonzero(inside).flatten()), ds.subset(torch.nonzero(~inside).flatten())

@@ -32,7 +32,8 @@ def _raw(tmp_path, method: str = "retrain", **method_kw) -> dict:
                          ids=["top", "unlearning", "method", "detector"])
 def test_unknown_keys_raise_with_section(tmp_path, section, key):
     raw = _raw(tmp_path)
-    node = raw if section == "<top level>" else raw["method"]["detector"] if section == "method.detector" else raw[section]
+    nodes = {"<top level>": raw, "method.detector": raw["method"]["detector"]}
+    node = nodes.get(section) or raw[section]
     node[key] = 1
     with pytest.raises(ConfigError, match=f"unknown key '{key}' in section '{section}'"):
         unlearning_from_raw(raw)
