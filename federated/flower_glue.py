@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from functools import lru_cache
@@ -31,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["ENGINE_KEYS", "launch_run_config", "arrays_to_record", "record_to_arrays", "experiment_to_run_config",
+__all__ = ["ENGINE_KEYS", "launch_run_config", "route_logs_to_flower", "arrays_to_record", "record_to_arrays", "experiment_to_run_config",
            "experiment_from_run_config", "state_get", "state_put", "write_rounds", "read_rounds",
            "ROUNDS_FILE"]
 
@@ -135,6 +136,21 @@ def _experiment_cached(items: tuple, source: str) -> Any:
         d[leaf.replace("-", "_")] = value
     decoded = _decode(FedExperimentConfig, nested, "")
     return load_fed_experiment(decoded, source=source)
+
+
+def route_logs_to_flower(level: int = logging.INFO) -> None:
+    """Sends ``adaptsim.*`` log records through Flower's console handler (idempotent).
+
+    Inside ``flwr-serverapp``/``flwr-clientapp`` processes only what goes through that handler
+    reaches ``flwr run --stream`` and ``flwr log``; without this, the warnings about failed
+    replies would be lost. Called by the apps' entry points, never at import time.
+    """
+    from flwr.supercore.logger import console_handler
+
+    ours = logging.getLogger("adaptsim")
+    if console_handler not in ours.handlers:
+        ours.addHandler(console_handler)
+        ours.setLevel(level)
 
 
 # -- client state in context.state -----------------------------------------------------------

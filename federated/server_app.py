@@ -19,7 +19,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from adaptsim.federated.flower_glue import arrays_to_record, experiment_from_run_config
+from adaptsim.federated.flower_glue import arrays_to_record, experiment_from_run_config, route_logs_to_flower
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     from adaptsim.federated.runner import new_run_dir
     from adaptsim.federated.task import initial_arrays
 
+    route_logs_to_flower()
     cfg = experiment_from_run_config(context.run_config)
     run_dir = Path(str(context.run_config.get("run-dir", "")) or new_run_dir(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
