@@ -75,8 +75,12 @@ class AdaptsimFedAvg(FedAvg):
         per_client = array_bytes(record_to_arrays(arrays))
         self._pending = {"sent": targets, "absent": absent, "bytes_down": per_client * len(targets)}
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, [self.node_of_partition[p] for p in targets],
-                                        MessageType.TRAIN)
+        msgs = list(self._construct_messages(record, [self.node_of_partition[p] for p in targets],
+                                             MessageType.TRAIN))
+        # the SuperLink's error replies (e.g. "Node Unavailable") come from the SuperLink's own
+        # node id; they name the message they answer, whose id is its object id
+        self._pending["client_of_msg"] = {m.object_id: p for m, p in zip(msgs, targets)}
+        return msgs
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -87,18 +91,17 @@ class AdaptsimFedAvg(FedAvg):
         """
         fed, replies = self.cfg.federated, list(replies)
         valid = [m for m in replies if not m.has_error()]
-        failed = [{"node": m.metadata.src_node_id, "reason": m.error.reason} for m in replies if m.has_error()]
-        for f in failed:
-            logger.warning("round %d: node %d failed: %s", server_round, f["node"], f["reason"])
-        part_of = {n: p for p, n in self.node_of_partition.items()}
-        answered = {int(m.content["metrics"]["partition-id"]) for m in valid}
-        answered |= {part_of[f["node"]] for f in failed if f["node"] in part_of}
+        client_of_msg, part_of = self._pending["client_of_msg"], {n: p for p, n in self.node_of_partition.items()}
+        failed = [{"client": client_of_msg.get(m.metadata.reply_to_message_id, part_of.get(m.metadata.src_node_id)),
+                   "reason": m.error.reason} for m in replies if m.has_error()]
+        answered = {int(m.content["metrics"]["partition-id"]) for m in valid} | {f["client"] for f in failed}
         n_silent = max(len(self._pending["sent"]) - len(valid) - len(failed), 0)
-        silent = [p for p in self._pending["sent"] if p not in answered][:n_silent]
-        for p in silent:
-            logger.warning("round %d: no reply from client %d (node %d) before the timeout; "
-                           "completing the round without it", server_round, p, self.node_of_partition[p])
-        failures = len(failed) + len(silent) + len(self._pending["absent"])
+        failed += [{"client": p, "reason": "no reply before the round timeout"}
+                   for p in self._pending["sent"] if p not in answered][:n_silent]
+        for f in failed:
+            logger.warning("round %d: client %s failed (%s); completing the round with the replies it has",
+                           server_round, f["client"], f["reason"])
+        failures = len(failed) + len(self._pending["absent"])
         if len(valid) < fed.min_replies:
             raise RuntimeError(f"round {server_round}: {len(valid)} replies < min_replies={fed.min_replies}")
         results, bytes_up, spent, losses = [], 0, [], []
@@ -114,7 +117,7 @@ class AdaptsimFedAvg(FedAvg):
                 losses.append((float(met["loss"]), n))
         train_loss = sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else math.nan
         self._pending.update(bytes_up=bytes_up, replies=len(valid), failures=failures, budget_spent=sorted(spent),
-                             train_loss=train_loss, failed=failed + [{"client": p, "reason": "no reply"} for p in silent])
+                             train_loss=train_loss, failed=failed)
         if not any(n > 0 for _, n in results):
             logger.warning("round %d: every replying client has spent its budget; model unchanged", server_round)
             return None, MetricRecord({"train-loss": train_loss})

@@ -52,7 +52,20 @@ def run_simulation_mode(cfg: Any, run_dir: str | Path, *, num_cpus: int | None =
         RuntimeError: if the run fails (see ``run_dir/flower/logs``).
     """
     run_dir = Path(run_dir)
-    with LocalFederation(run_dir / "flower", 0, simulation=True) as fed:
-        fed.run(launch_run_config(cfg, run_dir, round_timeout),
-                federation_config=simulation_federation_config(cfg, num_cpus))
+    for attempt in range(1, _RAY_START_ATTEMPTS + 1):
+        with LocalFederation(run_dir / "flower" / f"attempt_{attempt}", 0, simulation=True) as fed:
+            try:
+                fed.run(launch_run_config(cfg, run_dir, round_timeout),
+                        federation_config=simulation_federation_config(cfg, num_cpus))
+                break
+            except RuntimeError:
+                # Ray waits a hard-coded 30 s for its raylet; on an overloaded machine that start
+                # can time out before any client ran. Only that failure is retried.
+                if _RAY_START_TIMEOUT not in fed.log_text("flwr_run") or attempt == _RAY_START_ATTEMPTS:
+                    raise
+                logger.warning("Ray did not start in time (attempt %d); retrying", attempt)
     return read_rounds(run_dir)
+
+
+_RAY_START_ATTEMPTS = 3
+_RAY_START_TIMEOUT = "The current node timed out during startup"

@@ -8,11 +8,13 @@ from adaptsim.federated.config import load_fed_experiment
 from adaptsim.federated.flower_glue import launch_run_config
 
 # Small and quick: tiny random ViT on 16 px digits, IID split, 2 clients.
-TINY = {"scenario": {"dataset": {"name": "digits", "train_per_class": 30, "test_per_class": 15}},
+# Small and quick: tiny random ViT on 16 px digits, IID split, 2 clients (the learning rates of
+# tests/test_fed_local_sim.py, where this model is known to learn in a few rounds).
+TINY = {"scenario": {"dataset": {"name": "digits"}},
         "backbone": {"name": "tiny_vit", "img_size": 16, "tiny_patch": 4, "tiny_dim": 32, "tiny_depth": 2,
                      "tiny_heads": 2},
         "federated": {"mode": "deployment", "num_clients": 2, "clients_per_round": 2, "rounds": 2,
-                      "local_epochs": 2, "lr": 0.1, "head_lr": 0.3, "partition": "iid", "num_threads": 1,
+                      "local_epochs": 2, "lr": 0.5, "head_lr": 0.2, "partition": "iid", "num_threads": 1,
                       "eval_batch_size": 512},
         "run": {"out_dir": "/tmp/runs", "plots": False}}
 

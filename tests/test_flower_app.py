@@ -175,7 +175,8 @@ def test_strategy_completes_round_with_replies_it_has_and_logs_failures(caplog, 
     np.testing.assert_allclose(record_to_arrays(arrays)["head.bias"], (1.0 * 10 + 4.0 * 30) / 40)
     assert s._pending["replies"] == 2 and s._pending["failures"] == 1
     assert s._pending["bytes_up"] == 2 * 8 and s._pending["bytes_down"] == 3 * 8
-    assert "no reply from client 2" in caplog.text
+    assert s._pending["failed"] == [{"client": 2, "reason": "no reply before the round timeout"}]
+    assert "client 2 failed" in caplog.text
     assert s.epsilon["0"] == 2.5 and s.epsilon["1"] == 2.5
 
     # an error reply counts as a failure too; below min_replies the round fails loudly
@@ -183,5 +184,6 @@ def test_strategy_completes_round_with_replies_it_has_and_logs_failures(caplog, 
     msgs = list(s2.configure_train(1, arrays_to_record(glob), ConfigRecord(), _Grid()))
     sent = [_msg(m.content, "train", dst=m.metadata.dst_node_id, mid=f"y{i}") for i, m in enumerate(msgs)]
     crashed = Message(Error(code=0, reason="ClientApp crashed"), reply_to=sent[1])
-    with pytest.raises(RuntimeError, match="min_replies=2"):
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="min_replies=2"):
         s2.aggregate_train(1, [_reply(sent[0], 0, 1.0, 10), crashed])
+    assert "client 1 failed (ClientApp crashed)" in caplog.text

@@ -32,7 +32,9 @@ def test_superlink_two_supernodes_two_rounds_improve_and_clean_up(tmp_path):
     rounds, initial = read_rounds(run_dir, with_initial=True)
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["replies"] == 2 and r["failures"] == 0 for r in rounds)
-    assert rounds[-1]["accuracy"] > initial["accuracy"] + 0.05, (initial, rounds)  # the model improved
+    # the global model improved over the one the server started from
+    assert rounds[-1]["accuracy"] > initial["accuracy"], (initial, rounds)
+    assert rounds[-1]["loss"] < initial["loss"] - 0.02, (initial, rounds)
     assert rounds[0]["bytes_up"] > 0 and rounds[0]["bytes_down"] == rounds[0]["bytes_up"]  # ffa: B+head both ways
     metrics = json.loads((run_dir / "metrics.json").read_text())   # same run folder as in-process
     assert metrics["mode"] == "deployment" and len(metrics["rounds"]) == 2

@@ -48,8 +48,9 @@ def test_supernode_killed_mid_round_round_completes_with_remaining_reply(tmp_pat
     rounds = read_rounds(run_dir)
     assert len(rounds) == 1
     assert rounds[0]["replies"] == 1 and rounds[0]["failures"] == 1
-    assert rounds[0]["failed"] == [{"client": 1, "reason": "no reply"}]
-    assert "no reply from client 1" in fed.log_text("flwr_run")    # logged in the ServerApp's log
+    # no reply before the timeout, or the SuperLink's "Node Unavailable" once heartbeats stop
+    assert [f["client"] for f in rounds[0]["failed"]] == [1]
+    assert "client 1 failed" in fed.log_text("flwr_run")          # logged in the ServerApp's log
     assert not alive(pids)
 
 
