@@ -151,9 +151,15 @@ class MOSRetrievalMixin:
             if mode == "lazy":
                 final, proto = self._lazy_retrieval(x, n_tasks, head)
             elif mode in ("batched", "loop"):
-                self._retrieval_forward_names(stored)
-                feats = multi_adapter_features(self.backbone, self.layers, x, range(n_tasks),
-                                               batched=mode == "batched")  # (T+1, B, D)
+                if mode == "batched":
+                    self._retrieval_forward_names(stored)
+                    feats = multi_adapter_features(self.backbone, self.layers, x, range(n_tasks))  # (T+1, B, D)
+                else:  # one forward per set; in official mode each forward drifts only its own set
+                    per = []
+                    for i, name in enumerate(stored):
+                        self._retrieval_forward_names([name])
+                        per.append(multi_adapter_features(self.backbone, self.layers, x, [i], batched=False)[0])
+                    feats = torch.stack(per)  # (T+1, B, D)
                 self._merge_now = []
                 proto = self.prototypes(feats[0])  # (B, C) cosine logits, adapter-0 features
                 tau0 = self.cls2task[proto.argmax(-1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -105,10 +106,16 @@ def test_official_mode_merges_inside_forward_and_drifts_stored_sets(digits_strea
         s.train_experience(e, fit)
     depth = len(s.layers)
     t0, t1 = _clone_set(s, "t0"), _clone_set(s, "t1")
+    state = copy.deepcopy(s.state_dict())
     s.predict(exps[0].test.x)  # one eval forward: stored set 1 merged once per block, set 0 never
     for a, b, c in zip(t0, t1, _clone_set(s, "t1")):
         torch.testing.assert_close(c, a + 0.9**depth * (b - a), atol=1e-6, rtol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(t0, _clone_set(s, "t0")))
+    drifted = _clone_set(s, "t1")
+    s.load_state_dict(state)  # the per-set loop drifts each set exactly as the batched pass does
+    s.predict(exps[0].test.x, retrieval="loop")
+    for a, b in zip(drifted, _clone_set(s, "t1")):
+        torch.testing.assert_close(a, b)
 
 
 def test_refine_converges_to_fixed_point_or_stops_at_max_iter():
