@@ -59,6 +59,10 @@ def train(msg: Message, context: Context) -> Message:
     """
     from adaptsim.federated.task import client_dataset, client_fit, get_model
 
+    if experiment_from_run_config(context.run_config).federated.method == "fednano":
+        from adaptsim.federated.fednano.flower import client_train
+
+        return client_train(msg, context)
     cfg, pid, nparts, state = _setup(context)
     if "a_seed" not in state:
         raise RuntimeError(f"client {pid}: no A seed from the server (missed the round-0 handshake)")

@@ -32,11 +32,12 @@ from adaptsim.cl.backbones import BackboneConfig
 from adaptsim.cl.config import ConfigError, from_dict, to_dict, unknown_key_error
 from adaptsim.cl.data import DatasetConfig
 from adaptsim.cl.experiment import RunConfig
+from adaptsim.federated.fednano.config import FedNanoConfig
 
 __all__ = ["DPConfig", "FedScenarioConfig", "FederatedConfig", "FedExperimentConfig",
            "load_fed_experiment", "METHODS", "MODES", "PARTITIONS", "TARGETS"]
 
-METHODS = ("lora", "ffa_lora")
+METHODS = ("lora", "ffa_lora", "fednano")
 MODES = ("inprocess", "simulation", "deployment")
 PARTITIONS = ("iid", "dirichlet")
 TARGETS = ("q", "k", "v")
@@ -135,6 +136,7 @@ class FederatedConfig:
     min_replies: int = 1
     seed: int = 0
     a_seed: int = 1234
+    fednano: FedNanoConfig = field(default_factory=FedNanoConfig)  # method "fednano" only
     eval_batch_size: int = 256
     device: str = "auto"
     num_threads: int = 1

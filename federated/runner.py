@@ -172,7 +172,13 @@ def run_fed(cfg: FedExperimentConfig | None = None, *, resume: str | Path | None
     fed = cfg.federated
     if fed.num_threads:
         torch.set_num_threads(fed.num_threads)
-    if fed.mode == "inprocess":
+    if fed.method == "fednano" and fed.mode == "inprocess":  # FedNano's own loop (split training)
+        if resume is not None:
+            raise ValueError("resume is not supported for federated.method=fednano")
+        from adaptsim.federated.fednano.loop import run_inprocess_fednano
+
+        rounds = run_inprocess_fednano(cfg, run_dir, on_round=lambda rs: write_fed_outputs(cfg, rs, run_dir) and None)
+    elif fed.mode == "inprocess":
         from adaptsim.federated.local_sim import run_inprocess
 
         rounds = run_inprocess(cfg, run_dir, resume=resume is not None, stop_after=stop_after,

@@ -72,6 +72,10 @@ def main(grid: Grid, context: Context) -> None:
     timeout = float(context.run_config.get("round-timeout", 600.0))
     if cfg.federated.num_threads:
         torch.set_num_threads(cfg.federated.num_threads)
+    if cfg.federated.method == "fednano":  # FedNano: its own strategy (Fisher merging, split bytes)
+        from adaptsim.federated.fednano.flower import run_fednano_server
+
+        return run_fednano_server(grid, cfg, handshake(grid, cfg, timeout), run_dir, timeout)
     strategy = AdaptsimFedAvg(cfg, handshake(grid, cfg, timeout), run_dir)
     strategy.start(grid, arrays_to_record(initial_arrays(cfg)), num_rounds=cfg.federated.rounds,
                    timeout=timeout, evaluate_fn=strategy.central_evaluate)
