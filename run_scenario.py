@@ -25,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_from_raw(raw, source=source)
 
-    return main_entry(args.config, args.resume, rest, federated_runner)
+    def federated_resume(run_dir):
+        from adaptsim.federated.runner import run_fed
+
+        return run_fed(resume=run_dir)
+
+    return main_entry(args.config, args.resume, rest, federated_runner, federated_resume)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import sys
 from adaptsim.cl.config import ConfigError, parse_overrides, read_yaml
 
 
-def main_entry(config: str | None, resume: str | None, rest: list[str], federated_runner=None) -> int:
+def main_entry(config: str | None, resume: str | None, rest: list[str], federated_runner=None,
+               federated_resume=None) -> int:
     """Parse, run and report; returns the process exit code.
 
     Args:
@@ -16,6 +17,7 @@ def main_entry(config: str | None, resume: str | None, rest: list[str], federate
         rest: dotted overrides.
         federated_runner: a callable ``(raw, source) -> result`` used for configs with a
             ``federated`` section (``cl`` never imports ``federated`` itself).
+        federated_resume: a callable ``(run_dir) -> result`` resuming a federated run folder.
     """
     from adaptsim.cl.backbones import PretrainedWeightsUnavailableError
     from adaptsim.cl.data import DatasetNotFoundError
@@ -25,9 +27,17 @@ def main_entry(config: str | None, resume: str | None, rest: list[str], federate
         if resume:
             if overrides:
                 raise ConfigError("overrides cannot be combined with --resume (the run keeps its config)")
-            from adaptsim.cl.runner import run
+            from pathlib import Path
 
-            result = run(resume=resume)
+            saved = Path(resume) / "config.yaml"
+            if saved.is_file() and "federated" in read_yaml(saved):
+                if federated_resume is None:
+                    raise ConfigError("this entry point cannot resume federated runs")
+                result = federated_resume(resume)
+            else:
+                from adaptsim.cl.runner import run
+
+                result = run(resume=resume)
         else:
             if not config:
                 raise ConfigError("give a scenario YAML, e.g. scenarios/split_mnist.yaml")
