@@ -127,7 +127,28 @@ def experiment_from_raw(raw: Mapping[str, Any], source: str = "") -> ExperimentC
     )
 
 
+def _switch_strategy(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``--strategy.name=X`` naming another strategy than the YAML's starts from X's defaults.
+
+    The YAML's settings belong to its own strategy (``--strategy.name=simplecil`` on a MOS YAML
+    must not hand MOS's ``epochs``/``reg`` to SimpleCIL); the dropped keys are logged.
+    """
+    new = overrides.get("strategy.name")
+    section = raw.get("strategy")
+    if new is None or not isinstance(section, Mapping) or section.get("name") == new:
+        return raw
+    dropped = sorted(k for k in section if k != "name")
+    if dropped:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "--strategy.name=%s replaces the YAML's strategy %r; its settings %s are not used",
+            new, section.get("name"), ", ".join(dropped))
+    return {**raw, "strategy": {"name": new}}
+
+
 def load_experiment(path: str, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """Read ``path`` (YAML), apply dotted ``overrides`` and build the typed config."""
-    raw = apply_overrides(read_yaml(path), overrides or {})
+    overrides = overrides or {}
+    raw = apply_overrides(_switch_strategy(read_yaml(path), overrides), overrides)
     return experiment_from_raw(raw, source=str(path))

@@ -77,3 +77,11 @@ def test_resolved_config_round_trips(yaml_path):
     again = experiment_from_raw(cfg.to_raw())
     assert again.to_raw() == cfg.to_raw()
     assert again.config_hash() == cfg.config_hash()
+
+
+def test_switching_strategy_on_cli_starts_from_its_defaults(yaml_path, caplog):
+    # the YAML's finetune settings (lr 0.05) must not leak into another strategy
+    cfg = load_experiment(yaml_path, parse_overrides(["--strategy.name=joint", "--strategy.epochs=2"]))
+    assert cfg.strategy.name == "joint"
+    assert cfg.strategy.config.lr == 0.01 and cfg.strategy.config.epochs == 2
+    assert "replaces the YAML's strategy 'finetune'" in caplog.text
