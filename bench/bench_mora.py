@@ -27,28 +27,15 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import make_timer
 from torch import nn
 
 from adaptsim.strategies.mora_gate import MoRALinear, SelfActivationGate
 
 
 def _timer(device: str):
-    """Returns ``time_ms(fn)``: do_bench on CUDA, min of perf_counter runs on CPU."""
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=10, rep=50)
-
-    def cpu(fn, reps: int = 10) -> float:  # min: robust to other jobs on a shared CPU
-        fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return min(ts)
-
-    return cpu
+    """Returns ``time_ms(fn)`` (see ``bench/_timing.py``)."""
+    return make_timer(device, warmup=10, rep=50)
 
 
 def build_block(dim: int, R: int, new: int, top_k: int, compute: str, device: str, dtype: torch.dtype):

@@ -12,15 +12,7 @@ from adaptsim.federated.config import load_fed_experiment
 from adaptsim.federated.task import (build_model, client_dataset, client_fit, get_model,
                                      initial_arrays, load_arrays, trainable_arrays)
 
-TINY = {"name": "tiny_vit", "img_size": 16, "tiny_patch": 4, "tiny_dim": 32, "tiny_depth": 2, "tiny_heads": 2}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from _fed_common import TINY, _one_thread  # noqa: E402,F401  (autouse fixture)
 
 
 def _cfg(**fed):
