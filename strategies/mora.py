@@ -218,7 +218,7 @@ class MoRA(Strategy):
         backbone: a frozen timm or open_clip :class:`~adaptsim.cl.backbones.Backbone`; its
             target linears are wrapped in place.
         info: the stream info.
-        clip: optional :class:`~adaptsim.cl.backbones.ClipModel` (or anything with
+        clip: optional :class:`~adaptsim.cl.clip.ClipModel` (or anything with
             ``encode_text`` and ``clip.logit_scale``) whose text tower builds the text classifier.
         **kw: forwarded to :class:`~adaptsim.strategies.base.Strategy`.
 
@@ -265,7 +265,8 @@ class MoRA(Strategy):
 
     def _rebuild_clip(self) -> Any:
         """Builds the open_clip model matching the backbone, for its text tower only."""
-        from adaptsim.cl.backbones import BackboneConfig, create_clip
+        from adaptsim.cl.backbones import BackboneConfig
+        from adaptsim.cl.clip import create_clip
 
         bb, cfg = self.backbone, self.config
         if bb.name == "open_clip_tiny":

@@ -20,8 +20,8 @@ from adaptsim.cl.backbones import (  # noqa: E402
     BackboneConfig,
     PretrainedWeightsUnavailableError,
     create_backbone,
-    create_clip,
 )
+from adaptsim.cl.clip import create_clip  # noqa: E402
 from adaptsim.cl.features import FeatureCache, extract_features  # noqa: E402
 
 torch.set_num_threads(2)

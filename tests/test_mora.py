@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from adaptsim.cl.backbones import BackboneConfig, create_backbone, create_clip
+from adaptsim.cl.backbones import BackboneConfig, create_backbone
+from adaptsim.cl.clip import create_clip
 from adaptsim.cl.data import DatasetConfig
 from adaptsim.cl.scenarios import ClassIncrementalArgs, build_stream
 from adaptsim.cl.train import fit, seed_everything
