@@ -111,6 +111,8 @@ class Strategy(ABC):
         self.device = torch.device(device)
         self.progress = progress
         self.feature_cache = feature_cache
+        # The frozen backbone's own weights, before any adapter is injected: never "trainable".
+        self._backbone_param_ids = frozenset(id(p) for p in backbone.parameters())
         self.seen_classes: list[int] = []
         self.experiences_seen = 0
 
@@ -158,8 +160,12 @@ class Strategy(ABC):
         return {}
 
     def trainable_parameter_count(self) -> int:
-        """Parameters the strategy trains (adapters, heads), counted once."""
-        seen: set[int] = set()
+        """Parameters the strategy adds and trains (adapters, heads), counted once.
+
+        Weights of the pretrained backbone reachable through a strategy module (e.g. the frozen
+        ``base_layer`` inside a LoRA wrapper) are not counted.
+        """
+        seen: set[int] = set(self._backbone_param_ids)
         total = 0
         for m in self.modules().values():
             for p in m.parameters():

@@ -80,3 +80,11 @@ def test_state_dict_round_trip(digits_stream, tiny_backbone):
     fresh.load_state_dict(strategy.state_dict())
     x = digits_stream[2].test.x[:16]
     assert torch.equal(fresh.predict(x), strategy.predict(x))
+
+
+def test_trainable_parameters_exclude_backbone_weights(digits_stream, tiny_backbone):
+    config_cls, cls = get_strategy("finetune")
+    info = StreamInfo(digits_stream.kind, digits_stream.n_classes, digits_stream.class_names, 3)
+    strategy = cls(config_cls(mode="lora", rank=8), tiny_backbone, info)
+    dim, depth = 64, 4  # tiny_vit: LoRA rank 8 on each block's qkv (dim -> 3*dim), plus the head
+    assert strategy.trainable_parameter_count() == depth * (8 * dim + 3 * dim * 8) + (dim * 10 + 10)
