@@ -29,7 +29,48 @@ from adaptsim.federated.task import client_dataset, client_fit, evaluate, get_mo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_inprocess", "sample_clients", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["run_inprocess", "sample_clients", "RoundReplies", "save_checkpoint", "load_checkpoint",
+           "latest_checkpoint"]
+
+
+class RoundReplies:
+    """What one round's clients sent back: arrays, traffic, ε, losses, budget-spent clients.
+
+    Shared by the in-process loops (LoRA/FFA-LoRA here, FedNano in ``fednano/loop.py``).
+    """
+
+    def __init__(self) -> None:
+        self.traffic = RoundTraffic()
+        self.results: list[tuple[dict, int]] = []
+        self.failures = 0
+        self.spent: list[int] = []
+        self.losses: list[tuple[float, int]] = []
+
+    def add(self, k: int, out: dict, n: int, met: dict, last_eps: dict[str, float]) -> None:
+        """Record client ``k``'s reply (``out`` arrays over ``n`` examples, metrics ``met``)."""
+        self.traffic.sent_up(str(k), out)
+        self.results.append((out, n))
+        last_eps[str(k)] = float(met["epsilon"])
+        if met["budget_spent"]:
+            self.spent.append(k)
+        elif n > 0:
+            self.losses.append((met["loss"], n))
+
+    def check(self, round_idx: int, min_replies: int) -> None:
+        """Raise when fewer than ``min_replies`` replies arrived in round ``round_idx``."""
+        if len(self.results) < min_replies:
+            raise RuntimeError(f"round {round_idx + 1}: {len(self.results)} replies < min_replies={min_replies}")
+
+    @property
+    def has_examples(self) -> bool:
+        return any(n > 0 for _, n in self.results)
+
+    @property
+    def train_loss(self) -> float:
+        """Example-weighted mean training loss of the clients that trained (nan if none)."""
+        if not self.losses:
+            return math.nan
+        return sum(l * n for l, n in self.losses) / sum(n for _, n in self.losses)
 
 
 def sample_clients(num_clients: int, per_round: int, seed: int, round_idx: int) -> list[int]:
@@ -126,36 +167,29 @@ def run_inprocess(cfg: FedExperimentConfig, run_dir: Path | None = None, *, resu
     end = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
     for r in range(start, end):
         t0 = time.perf_counter()
-        traffic, results, failures, spent, losses = RoundTraffic(), [], 0, [], []
+        replies = RoundReplies()
         for k in sample_clients(fed.num_clients, fed.clients_per_round, fed.seed, r):
             cid = str(k)
-            traffic.sent_down(cid, global_arrays)
+            replies.traffic.sent_down(cid, global_arrays)
             try:
                 out, n, met, states[cid] = client_fit(model, global_arrays, parts[k], cfg, states[cid],
                                                       client_id=k, round_idx=r)
             except Exception:  # a crashed client is a failed reply, not a failed round
                 log.exception("round %d: client %d failed", r + 1, k)
-                failures += 1
+                replies.failures += 1
                 continue
-            traffic.sent_up(cid, out)
-            results.append((out, n))
-            last_eps[cid] = float(met["epsilon"])
-            if met["budget_spent"]:
-                spent.append(k)
-            elif n > 0:
-                losses.append((met["loss"], n))
-        if len(results) < fed.min_replies:
-            raise RuntimeError(f"round {r + 1}: {len(results)} replies < min_replies={fed.min_replies}")
-        if any(n > 0 for _, n in results):
-            global_arrays = fedavg(results)
+            replies.add(k, out, n, met, last_eps)
+        replies.check(r, fed.min_replies)
+        if replies.has_examples:
+            global_arrays = fedavg(replies.results)
         else:
             log.warning("round %d: every sampled client has spent its budget; model unchanged", r + 1)
         ev = evaluate(model, global_arrays, test, fed.eval_batch_size)
-        train_loss = (sum(l * n for l, n in losses) / sum(n for _, n in losses)) if losses else math.nan
         rounds.append({"round": r + 1, "accuracy": ev["accuracy"], "loss": ev["loss"],
-                       "epsilon": dict(last_eps), **traffic.totals(),
-                       "seconds": time.perf_counter() - t0, "replies": len(results),
-                       "failures": failures, "budget_spent": spent, "train_loss": train_loss})
+                       "epsilon": dict(last_eps), **replies.traffic.totals(),
+                       "seconds": time.perf_counter() - t0, "replies": len(replies.results),
+                       "failures": replies.failures, "budget_spent": replies.spent,
+                       "train_loss": replies.train_loss})
         log.info("round %d/%d: accuracy %.4f, max epsilon %.3g, up %d B, down %d B, %.1f s",
                  r + 1, fed.rounds, ev["accuracy"], max(last_eps.values()), rounds[-1]["bytes_up"],
                  rounds[-1]["bytes_down"], rounds[-1]["seconds"])

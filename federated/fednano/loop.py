@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from adaptsim.federated.comm import RoundTraffic
 from adaptsim.federated.config import FedExperimentConfig
 from adaptsim.federated.fednano.fisher import aggregate
 from adaptsim.federated.fednano.system import get_system
 from adaptsim.federated.fednano.task import client_fit, evaluate
-from adaptsim.federated.local_sim import sample_clients, save_checkpoint
+from adaptsim.federated.local_sim import RoundReplies, sample_clients, save_checkpoint
 
 __all__ = ["run_inprocess_fednano", "SPLIT_KEYS"]
 
@@ -63,7 +62,7 @@ def run_inprocess_fednano(cfg: FedExperimentConfig, run_dir: Path | None = None,
     last_eps = {str(k): (math.inf if not fed.dp.enabled else 0.0) for k in range(fed.num_clients)}
     for r in range(fed.rounds):
         t0 = time.perf_counter()
-        traffic, results, failures, spent, losses = RoundTraffic(), [], 0, [], []
+        replies = RoundReplies()
         split = dict.fromkeys(SPLIT_KEYS, 0)
         download = 0
         for k in sample_clients(fed.num_clients, fed.clients_per_round, fed.seed, r):
@@ -71,7 +70,7 @@ def run_inprocess_fednano(cfg: FedExperimentConfig, run_dir: Path | None = None,
             if k not in seen:
                 download += system.download_bytes()
                 seen.add(k)
-            traffic.sent_down(cid, global_arrays)
+            replies.traffic.sent_down(cid, global_arrays)
             try:
                 out, n, met, states[cid] = client_fit(system, global_arrays, system.clients[k], cfg, states[cid],
                                                       client_id=k, round_idx=r)
@@ -79,28 +78,21 @@ def run_inprocess_fednano(cfg: FedExperimentConfig, run_dir: Path | None = None,
                 if isinstance(exc, ValueError) and "federated." in str(exc):
                     raise  # a config error, not a client failure
                 log.exception("round %d: client %d failed", r + 1, k)
-                failures += 1
+                replies.failures += 1
                 continue
-            traffic.sent_up(cid, out)
-            results.append((out, n))
+            replies.add(k, out, n, met, last_eps)
             for key in SPLIT_KEYS:
                 split[key] += int(met[key])
-            last_eps[cid] = float(met["epsilon"])
-            if met["budget_spent"]:
-                spent.append(k)
-            elif n > 0:
-                losses.append((met["loss"], n))
-        if len(results) < fed.min_replies:
-            raise RuntimeError(f"round {r + 1}: {len(results)} replies < min_replies={fed.min_replies}")
-        if any(n > 0 for _, n in results):
-            global_arrays = aggregate(results, fed.fednano.aggregation, fed.fednano.fisher_eps)
+        replies.check(r, fed.min_replies)
+        if replies.has_examples:
+            global_arrays = aggregate(replies.results, fed.fednano.aggregation, fed.fednano.fisher_eps)
         ev = evaluate(system, global_arrays, batch_size=fed.eval_batch_size)
-        train_loss = sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else math.nan
         rounds.append({"round": r + 1, "accuracy": ev["accuracy"], "loss": ev["loss"],
                        **{k: ev[k] for k in ev if k.startswith("accuracy_q")},
-                       "epsilon": dict(last_eps), **traffic.totals(), **split, "bytes_model_download": download,
-                       "seconds": time.perf_counter() - t0, "replies": len(results), "failures": failures,
-                       "budget_spent": spent, "train_loss": train_loss})
+                       "epsilon": dict(last_eps), **replies.traffic.totals(), **split,
+                       "bytes_model_download": download, "seconds": time.perf_counter() - t0,
+                       "replies": len(replies.results), "failures": replies.failures,
+                       "budget_spent": replies.spent, "train_loss": replies.train_loss})
         log.info("fednano round %d/%d: accuracy %.4f, adapters up %d B, activations up %d B, %.1f s", r + 1,
                  fed.rounds, ev["accuracy"], rounds[-1]["bytes_up"], split["bytes_activations_up"],
                  rounds[-1]["seconds"])
