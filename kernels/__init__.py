@@ -6,10 +6,13 @@ Importing this package never touches CUDA and does not require Triton.
 from __future__ import annotations
 
 from .gates import AdapterGate, DenseGate, Gate, TopKGate, gate_to_dense, lower_gate
+from .launch import forced_tiles
 from .rank_sparse_lora import (
     BACKENDS,
     KernelConfig,
+    LoRAFunction,
     RankSparseLoRAFunction,
+    lora_linear,
     rank_sparse_lora,
     resolve_backend,
 )
@@ -22,9 +25,12 @@ __all__ = [
     "DenseGate",
     "Gate",
     "KernelConfig",
+    "LoRAFunction",
     "RankSparseLoRAFunction",
     "TopKGate",
+    "forced_tiles",
     "gate_to_dense",
+    "lora_linear",
     "lower_gate",
     "rank_sparse_lora",
     "rank_sparse_lora_ref",

@@ -8,10 +8,11 @@ what weight: ``y = s * ((phi(x A^T) * G) B^T)``.  Three kinds exist:
 * :class:`AdapterGate` -- per-token adapter id selecting a contiguous rank block of a stacked
   adapter bank (Punica SGMV style), with an optional per-token scale.
 
-Every gate is lowered to one *gathered* form, ``(idx, wt)`` with ``idx`` (M, J) int32 rank
-indices (``None`` = all ``R`` ranks, ``J = R``) and ``wt`` (M, J) weights (``None`` = 1).
-The Triton kernels only understand that form, so their cost is proportional to ``J``
-(``k`` for top-k, ``r`` for an adapter), never to the total rank ``R``.
+The tensor-core kernels take each gate in its own form (no lowering): a dense weight tile, a
+top-k list turned into a weight tile in registers, or SGMV segments for adapter ids. The
+*gathered* form ``(idx, wt)`` of :func:`lower_gate` (``idx`` (M, J) int32 rank indices, ``None``
+= all ranks; ``wt`` (M, J) weights, ``None`` = 1) feeds :func:`gate_to_dense` (the reference and
+the Opacus grad samplers) and the gathered top-k kernels used for very large ``R``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AdapterGate", "DenseGate", "Gate", "TopKGate", "gate_to_dense", "lower_gate"]
+__all__ = ["AdapterGate", "DenseGate", "Gate", "TopKGate", "adapter_ids_flat", "gate_to_dense", "lower_gate"]
 
 
 @dataclass(frozen=True)
@@ -54,18 +55,22 @@ class TopKGate:
 class AdapterGate:
     """Per-token adapter selection from a stack of equal-rank adapters.
 
-    Token ``m`` uses ranks ``[adapter_ids[m] * r, (adapter_ids[m] + 1) * r)`` of a stacked
-    ``A`` (n_adapters * r, K) and ``B`` (N, n_adapters * r).
+    Id ``i`` covers the ``tokens_per_id`` consecutive tokens ``[i*T, (i+1)*T)`` (a sample's
+    tokens; ``T = 1``: one id per token), which use ranks ``[id * r, (id + 1) * r)`` of a stacked
+    ``A`` (n_adapters * r, K) and ``B`` (N, n_adapters * r). The kernels run such a gate as SGMV
+    segments (one per sample, or rows sorted by adapter), never as per-token rank lists.
 
     Attributes:
-        adapter_ids: (...,) int64 adapter id per token.
+        adapter_ids: (...,) int64 adapter id per token (or per group of ``tokens_per_id`` tokens).
         rank_per_adapter: rank ``r`` of every adapter.
-        scale: optional (...,) per-token scale of the delta (may require grad).
+        scale: optional scale of the delta, same shape as ``adapter_ids`` (may require grad).
+        tokens_per_id: T, consecutive tokens sharing one id.
     """
 
     adapter_ids: torch.Tensor
     rank_per_adapter: int
     scale: torch.Tensor | None = None
+    tokens_per_id: int = 1
 
 
 Gate = DenseGate | TopKGate | AdapterGate
@@ -119,15 +124,34 @@ def lower_gate(
         rb = int(gate.rank_per_adapter)
         if rb <= 0 or r % rb:
             raise ValueError(f"rank_per_adapter={rb} must be > 0 and divide R={r}")
-        ids = _flat(gate.adapter_ids, m, None, "AdapterGate.adapter_ids").to(device)
-        if ids.device.type == "cpu" and ids.numel() and (ids.min() < 0 or ids.max() >= r // rb):
-            raise ValueError(f"AdapterGate.adapter_ids out of range [0, {r // rb})")
-        idx = ids[:, None] * rb + torch.arange(rb, device=device)  # (M, r)
+        ids = adapter_ids_flat(gate, m, r).to(device)
+        t = int(gate.tokens_per_id)
+        idx = ids.repeat_interleave(t)[:, None] * rb + torch.arange(rb, device=device)  # (M, r)
         wt = None
         if gate.scale is not None:
-            wt = _flat(gate.scale, m, None, "AdapterGate.scale")[:, None].expand(m, rb)
+            sc = _flat(gate.scale, m // t, None, "AdapterGate.scale").repeat_interleave(t)
+            wt = sc[:, None].expand(m, rb)
         return idx.to(torch.int32), wt
     raise TypeError(f"unknown gate type {type(gate).__name__}; expected DenseGate, TopKGate, AdapterGate")
+
+
+def adapter_ids_flat(gate: AdapterGate, m: int, r: int | None = None) -> torch.Tensor:
+    """Flat (M / T,) ids of an :class:`AdapterGate`, range-checked on CPU (no device sync).
+
+    Raises:
+        ValueError: bad ``tokens_per_id``, a shape mismatch, or (CPU) an id outside the bank.
+    """
+    t = int(gate.tokens_per_id)
+    if t <= 0 or m % t:
+        raise ValueError(f"AdapterGate.tokens_per_id={t} must be > 0 and divide M={m}")
+    ids = _flat(gate.adapter_ids, m // t, None, "AdapterGate.adapter_ids")
+    if gate.adapter_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"AdapterGate.adapter_ids must be int64/int32, got {gate.adapter_ids.dtype}")
+    if r is not None:
+        n = r // int(gate.rank_per_adapter)
+        if ids.device.type == "cpu" and ids.numel() and (ids.min() < 0 or ids.max() >= n):
+            raise ValueError(f"AdapterGate.adapter_ids out of range [0, {n})")
+    return ids
 
 
 def gate_to_dense(

@@ -20,8 +20,11 @@ def rank_sparse_lora_ref(
     activation: str = "identity",
     gate: Gate | None = None,
     upcast: bool = False,
+    down_bias: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    pre: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Computes ``s * ((phi(x A^T) * G) B^T)`` with a dense (masked) gate.
+    """Computes ``s * ((phi(x A^T + down_bias) * G) B^T + up_bias)`` with a dense (masked) gate.
 
     Args:
         x: (..., K) input.
@@ -31,6 +34,9 @@ def rank_sparse_lora_ref(
         activation: ``"identity"`` (LoRA) or ``"relu"`` (bottleneck adapter).
         gate: a :mod:`~adaptsim.kernels.gates` gate, or ``None`` for all ranks with weight 1.
         upcast: compute in fp32 and round the result once to ``x.dtype``.
+        down_bias: optional (R,) bias added to ``x A^T``.
+        up_bias: optional (N,) bias added before scaling.
+        pre: optional (..., R) precomputed ``x A^T`` (then ``A`` is not used).
 
     Returns:
         (..., N) adapter delta (the base layer output is not included).
@@ -48,8 +54,12 @@ def rank_sparse_lora_ref(
         x2, A, B = x2.float(), A.float(), B.float()
     m, r = x2.shape[0], A.shape[0]
     g = gate_to_dense(gate, m, r, x2.device, x2.dtype)  # (M, R), zero on inactive ranks
-    h = x2 @ A.t()  # (M, R)
+    h = x2 @ A.t() if pre is None else pre.reshape(m, r).to(x2.dtype)  # (M, R)
+    if down_bias is not None:
+        h = h + down_bias.to(h.dtype)
     if activation == "relu":
         h = torch.relu(h)
-    y = (h * g) @ B.t() * scaling  # (M, N)
-    return y.to(dtype).reshape(*lead, B.shape[0])
+    y = (h * g) @ B.t()  # (M, N)
+    if up_bias is not None:
+        y = y + up_bias.to(y.dtype)
+    return (y * scaling).to(dtype).reshape(*lead, B.shape[0])
