@@ -101,23 +101,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: Mapping[str, Any] | None, section: str) -> Any:
+def from_dict(cls: type, data: Mapping[str, Any] | None, section: str,
+              extra_valid: tuple[str, ...] = ()) -> Any:
     """Build dataclass ``cls`` from ``data``, strictly.
 
     Args:
         cls: a dataclass type.
         data: the mapping read from YAML (None means all defaults).
         section: dotted name of the section, used in error messages.
+        extra_valid: keys the section also takes that the caller consumed before (a
+            strategy's ``name``), listed among the valid keys of an unknown-key error.
 
     Raises:
         ConfigError: on unknown keys, wrong types, or a ``__post_init__`` ValueError.
     """
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"section '{section}' must be a mapping, got {data!r}")
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
-        if key not in fields:
-            raise unknown_key_error(section, key, list(fields))
+        if not isinstance(key, str) or key not in fields:
+            raise unknown_key_error(section, str(key), list(fields) + list(extra_valid))
     kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -157,7 +162,13 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg!r} has no value; use --section.key=value")
             key, raw = body, args[i + 1]
             i += 1
-        out[key] = yaml.safe_load(raw) if raw != "" else ""
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"cannot parse override {arg!r}; use --section.key=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override --{key}: cannot parse the value {raw!r} "
+                              "(quote it, or write a YAML scalar or list)") from None
         i += 1
     return out
 
@@ -181,16 +192,50 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
     return result
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load``."""
+def read_yaml(path: str | Path, allow_empty: bool = False) -> dict[str, Any]:
+    """Read a YAML mapping with ``yaml.safe_load``.
+
+    Raises:
+        ConfigError: for a missing, unreadable, binary or empty file, a YAML syntax error
+            (with the file, line and column) or a top level that is not a mapping.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (not UTF-8); give a scenario YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path} is a binary file, not a YAML file")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise ConfigError(f"{where}: YAML syntax error: {what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: YAML error: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        if allow_empty:
+            return {}
+        raise ConfigError(f"{path} is empty; a scenario YAML needs at least a 'scenario' section "
+                          "(see scenarios/tiny_digits.yaml)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got a {type(data).__name__}")
     return data
 
 
 def write_yaml(data: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(data), sort_keys=False))
+    """Write ``data`` (dataclasses allowed) as YAML, atomically (temporary file, then rename)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(data), sort_keys=False))
+    os.replace(tmp, path)

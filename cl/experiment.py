@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from adaptsim.cl.backbones import BackboneConfig
 from adaptsim.cl.config import (ConfigError, apply_overrides, from_dict, read_yaml, to_dict,
@@ -29,8 +30,8 @@ from adaptsim.cl.config import (ConfigError, apply_overrides, from_dict, read_ya
 from adaptsim.cl.scenarios import GENERATORS
 from adaptsim.cl.train import TrainConfig
 
-__all__ = ["RunConfig", "ScenarioSpec", "StrategySpec", "ExperimentConfig", "load_experiment",
-           "experiment_from_raw", "parse_scenario", "parse_strategy"]
+__all__ = ["RunConfig", "ExperimentBase", "ScenarioSpec", "StrategySpec", "ExperimentConfig",
+           "load_experiment", "experiment_from_raw", "parse_scenario", "parse_strategy", "switch_strategy"]
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,62 @@ class RunConfig:
     plots: bool = True
 
 
+class ExperimentBase:
+    """What every run kind's config shares: ``to_raw``, ``config_hash`` and strict ``from_raw``.
+
+    Subclasses are frozen dataclasses naming their top-level ``SECTIONS`` (in YAML order), the
+    ``REQUIRED`` ones, and ``PARSERS`` for sections that are not a plain dataclass (a parser
+    takes the raw section and returns the value); every other section is built with
+    :func:`adaptsim.cl.config.from_dict` from its field's type. Each has ``run: RunConfig`` and
+    ``source: str``.
+    """
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ()
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+    PARSERS: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+
+    def to_raw(self) -> dict[str, Any]:
+        """The resolved config as plain YAML-ready data (round-trips through :meth:`from_raw`)."""
+        out = {}
+        for k in self.SECTIONS:
+            v = getattr(self, k)
+            out[k] = v.to_raw() if hasattr(v, "to_raw") else to_dict(v)
+        return out
+
+    def config_hash(self) -> str:
+        """Short hash of everything but the run folder's name and location."""
+        raw = self.to_raw()
+        raw["run"] = {k: v for k, v in raw["run"].items() if k not in ("name", "out_dir")}
+        return hashlib.sha1(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_raw(cls, raw: Mapping[str, Any], source: str = ""):
+        """Build the config from a raw mapping, strictly (unknown sections and keys raise)."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source or 'config'}: top level must be a mapping")
+        for key in raw:
+            if key not in cls.SECTIONS:
+                raise unknown_key_error("<top level>", str(key), list(cls.SECTIONS))
+        for required in cls.REQUIRED:
+            if required not in raw:
+                raise ConfigError(f"config needs a '{required}' section")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for k in cls.SECTIONS:
+            if k in cls.PARSERS:
+                kwargs[k] = cls.PARSERS[k](raw.get(k))
+            elif k in raw:
+                kwargs[k] = from_dict(hints[k], raw.get(k), k)
+        return cls(**kwargs, source=str(source))
+
+
 @dataclass(frozen=True)
 class ScenarioSpec:
     generator: str
     args: Any
+
+    def to_raw(self) -> dict[str, Any]:
+        return {"generator": self.generator, **to_dict(self.args)}
 
 
 @dataclass(frozen=True)
@@ -56,30 +109,8 @@ class StrategySpec:
     name: str
     config: Any
 
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    scenario: ScenarioSpec
-    strategy: StrategySpec
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    source: str = ""
-
     def to_raw(self) -> dict[str, Any]:
-        """The resolved config as plain YAML-ready data (round-trips through the loader)."""
-        return {
-            "scenario": {"generator": self.scenario.generator, **to_dict(self.scenario.args)},
-            "backbone": to_dict(self.backbone),
-            "strategy": {"name": self.strategy.name, **to_dict(self.strategy.config)},
-            "train": to_dict(self.train),
-            "run": to_dict(self.run),
-        }
-
-    def config_hash(self) -> str:
-        raw = self.to_raw()
-        raw["run"] = {k: v for k, v in raw["run"].items() if k not in ("name", "out_dir")}
-        return hashlib.sha1(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:12]
+        return {"name": self.name, **to_dict(self.config)}
 
 
 def _named_section(raw: Any, section: str, key: str, registry_get) -> tuple[str, Any]:
@@ -89,11 +120,13 @@ def _named_section(raw: Any, section: str, key: str, registry_get) -> tuple[str,
     if key not in raw:
         raise ConfigError(f"section '{section}' needs '{key}'")
     name = raw.pop(key)
+    if not isinstance(name, str):
+        raise ConfigError(f"{section}.{key} must be a name, got {name!r}")
     try:
         cfg_cls = registry_get(name)[0]
     except KeyError as exc:
         raise ConfigError(f"{section}.{key}: {exc.args[0]}") from None
-    return name, from_dict(cfg_cls, raw, section)
+    return name, from_dict(cfg_cls, raw, section, extra_valid=(key,))
 
 
 def parse_scenario(raw: Any) -> ScenarioSpec:
@@ -106,28 +139,32 @@ def parse_strategy(raw: Any) -> StrategySpec:
     return StrategySpec(*_named_section(raw, "strategy", "name", get_strategy))
 
 
-SECTIONS = ("scenario", "strategy", "backbone", "train", "run")
+@dataclass(frozen=True)
+class ExperimentConfig(ExperimentBase):
+    """A continual-learning run: a stream, a backbone and a strategy."""
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("scenario", "strategy", "backbone", "train", "run")
+    REQUIRED: ClassVar[tuple[str, ...]] = ("scenario", "strategy")
+    PARSERS: ClassVar[dict[str, Callable[[Any], Any]]] = {"scenario": parse_scenario,
+                                                          "strategy": parse_strategy}
+
+    scenario: ScenarioSpec
+    strategy: StrategySpec
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    source: str = ""
+
+
+SECTIONS = ExperimentConfig.SECTIONS
 
 
 def experiment_from_raw(raw: Mapping[str, Any], source: str = "") -> ExperimentConfig:
     """Build an :class:`ExperimentConfig` from a raw mapping (strict)."""
-    for key in raw:
-        if key not in SECTIONS:
-            raise unknown_key_error("<top level>", key, list(SECTIONS))
-    for required in ("scenario", "strategy"):
-        if required not in raw:
-            raise ConfigError(f"config needs a '{required}' section")
-    return ExperimentConfig(
-        scenario=parse_scenario(raw["scenario"]),
-        strategy=parse_strategy(raw["strategy"]),
-        backbone=from_dict(BackboneConfig, raw.get("backbone"), "backbone"),
-        train=from_dict(TrainConfig, raw.get("train"), "train"),
-        run=from_dict(RunConfig, raw.get("run"), "run"),
-        source=source,
-    )
+    return ExperimentConfig.from_raw(raw, source)
 
 
-def _switch_strategy(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def switch_strategy(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``--strategy.name=X`` naming another strategy than the YAML's starts from X's defaults.
 
     The YAML's settings belong to its own strategy (``--strategy.name=simplecil`` on a MOS YAML
@@ -150,5 +187,7 @@ def _switch_strategy(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
 def load_experiment(path: str, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """Read ``path`` (YAML), apply dotted ``overrides`` and build the typed config."""
     overrides = overrides or {}
-    raw = apply_overrides(_switch_strategy(read_yaml(path), overrides), overrides)
+    raw = dict(read_yaml(path))
+    raw.pop("kind", None)
+    raw = apply_overrides(switch_strategy(raw, overrides), overrides)
     return experiment_from_raw(raw, source=str(path))

@@ -9,10 +9,8 @@ continues a killed run from its last checkpoint; every experience re-seeds the R
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +18,25 @@ import numpy as np
 import torch
 
 from adaptsim.cl.backbones import create_backbone
-from adaptsim.cl.config import read_yaml, write_yaml
 from adaptsim.cl.evaluate import evaluate_stream
-from adaptsim.cl.experiment import ExperimentConfig, experiment_from_raw
+from adaptsim.cl.experiment import ExperimentConfig
 from adaptsim.cl.features import FeatureCache
 from adaptsim.cl.metrics import summarize
+from adaptsim.cl.rundir import RunDir
 from adaptsim.cl.scenarios import Stream, build_stream
+from adaptsim.cl.engine import RunResult
 from adaptsim.cl.train import fit, seed_everything
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunResult", "run", "build_components"]
+__all__ = ["RunResult", "run", "run_stream", "prepare", "build_components"]
 
 
-@dataclass
-class RunResult:
-    run_dir: Path
-    metrics: dict[str, Any]
-
-
-def build_components(cfg: ExperimentConfig, device: torch.device):
+def build_components(cfg: ExperimentConfig, device: torch.device, stream: Stream | None = None):
     """Stream, backbone and strategy of ``cfg`` (the strategy seeded with ``run.seed``)."""
     from adaptsim.strategies import StreamInfo, get_strategy
 
-    stream = build_stream(cfg.scenario.generator, cfg.scenario.args)
+    stream = stream if stream is not None else prepare(cfg)
     seed_everything(cfg.run.seed)
     backbone = create_backbone(cfg.backbone).to(device)
     backbone.eval()
@@ -55,54 +48,56 @@ def build_components(cfg: ExperimentConfig, device: torch.device):
     return stream, backbone, strategy
 
 
-def _new_run_dir(cfg: ExperimentConfig) -> Path:
-    name = cfg.run.name or f"{Path(cfg.source).stem or 'run'}-{cfg.strategy.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.run.out_dir) / name
-    if (run_dir / "metrics.json").exists():
-        raise FileExistsError(f"run folder {run_dir} already holds a finished run; choose another run.name")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return run_dir
+def prepare(cfg: ExperimentConfig) -> Stream:
+    """Build the stream before a run folder exists (a stream that cannot be built is a config error)."""
+    from adaptsim.cl.config import ConfigError
 
-
-def _latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    cps = sorted((int(p.stem.removeprefix("after_exp")), p) for p in (run_dir / "checkpoints").glob("after_exp*.pt"))
-    return cps[-1] if cps else None
+    try:
+        return build_stream(cfg.scenario.generator, cfg.scenario.args)
+    except ValueError as exc:
+        raise ConfigError(f"scenario: {exc}") from None
 
 
 def run(cfg: ExperimentConfig | None = None, *, resume: str | Path | None = None,
         stop_after: int | None = None) -> RunResult:
-    """Run (or resume) an experiment and write its run folder.
+    """Run (or resume) an experiment through the run engine and write its run folder.
 
     Args:
         cfg: the experiment; read from ``RUN_DIR/config.yaml`` when resuming.
         resume: a run folder to continue from its last checkpoint.
         stop_after: stop after training this many experiences (simulates a killed run).
     """
+    from adaptsim.cl import engine
+
     if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-        cfg = experiment_from_raw(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
-    elif cfg is None:
+        return engine.resume_run(resume, stop_after=stop_after)
+    if cfg is None:
         raise ValueError("give a config or a run folder to resume")
-    else:
-        run_dir = _new_run_dir(cfg)
-        write_yaml(cfg.to_raw(), run_dir / "config.yaml")
+    return engine.run_config(cfg, kind="continual", stop_after=stop_after)
+
+
+def run_stream(cfg: ExperimentConfig, rd: RunDir, *, resume: bool = False, stop_after: int | None = None,
+               prepared: Stream | None = None) -> dict[str, Any] | None:
+    """The ``continual`` run kind: train and evaluate every experience into ``rd``.
+
+    Returns:
+        The metrics (also written as ``metrics.json``), or None when ``stop_after`` stopped it.
+    """
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     device = cfg.train.resolved_device()
-    stream, backbone, strategy = build_components(cfg, device)
+    stream, backbone, strategy = build_components(cfg, device, stream=prepared)
     T = len(stream)
     state = {"R": [], "b": None, "train_seconds": [], "eval_seconds": [], "train_stats": []}
     start_t = 0
-    if resume is not None and (cp := _latest_checkpoint(run_dir)) is not None:
+    if resume and (cp := rd.latest_checkpoint("after_exp")) is not None:
         done, path = cp
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = rd.load_checkpoint(path, map_location=device)
         strategy.load_state_dict(ckpt["strategy"])
         strategy.on_resume(list(stream.experiences[: done + 1]))
         state = ckpt["run_state"]
         start_t = done + 1
-        log.info("resumed %s after experience %d", run_dir, done)
+        log.info("resumed %s after experience %d", rd.path, done)
     wall0 = time.perf_counter()
     eval_exps = list(stream.experiences)
     if cfg.train.eval_future and state["b"] is None:
@@ -112,7 +107,7 @@ def run(cfg: ExperimentConfig | None = None, *, resume: str | Path | None = None
     for t in tqdm(range(start_t, T), desc="experiences", disable=not cfg.train.progress,
                   initial=start_t, total=T):
         if stop_after is not None and t >= stop_after:
-            break
+            return None
         exp = stream[t]
         seed_everything(cfg.run.seed * 1000 + t)
         t0 = time.perf_counter()
@@ -128,15 +123,11 @@ def run(cfg: ExperimentConfig | None = None, *, resume: str | Path | None = None
         state["eval_seconds"].append(time.perf_counter() - t0)
         log.info("after experience %d: %s", t, " ".join(f"{a:.3f}" for a in row))
         if cfg.run.checkpoint:
-            torch.save({"strategy": strategy.state_dict(), "run_state": state},
-                       run_dir / "checkpoints" / f"after_exp{t}.pt")
-    if len(state["R"]) < T:
-        return RunResult(run_dir, {"R": state["R"], "finished": False})
-    metrics = _write_outputs(cfg, stream, strategy, state, run_dir, time.perf_counter() - wall0)
-    return RunResult(run_dir, metrics)
+            rd.save_checkpoint(f"after_exp{t}.pt", {"strategy": strategy.state_dict(), "run_state": state})
+    return _write_outputs(cfg, stream, strategy, state, rd, time.perf_counter() - wall0)
 
 
-def _write_outputs(cfg: ExperimentConfig, stream: Stream, strategy, state: dict, run_dir: Path,
+def _write_outputs(cfg: ExperimentConfig, stream: Stream, strategy, state: dict, rd: RunDir,
                    wall: float) -> dict[str, Any]:
     R = np.array(state["R"], dtype=float)
     n = stream.test_sizes()
@@ -151,18 +142,18 @@ def _write_outputs(cfg: ExperimentConfig, stream: Stream, strategy, state: dict,
         "initial_accuracy": state["b"],
         **summary,
         "trainable_params": strategy.trainable_parameter_count(),
+        "stored_params": strategy.stored_parameter_count(),
         "train_seconds": state["train_seconds"],
         "eval_seconds": state["eval_seconds"],
         "train_stats": state["train_stats"],
         "wall_seconds_this_process": wall,
         "strategy_metrics": strategy.run_metrics(),
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    np.savetxt(run_dir / "accuracy_matrix.csv", R, delimiter=",", fmt="%.6f",
-               header=",".join(f"exp{k}" for k in range(R.shape[1])))
+    rd.write_metrics(metrics)
+    rd.write_csv("accuracy_matrix.csv", R.tolist(), [f"exp{k}" for k in range(R.shape[1])])
     if cfg.run.plots:
         from adaptsim.cl.plots import plot_accuracy_matrix, plot_curve
 
-        plot_accuracy_matrix(R, run_dir / "accuracy_matrix.png", f"{cfg.strategy.name}: R[t, k] (%)")
-        plot_curve(summary["A_t"], run_dir / "accuracy_curve.png", title=f"{cfg.strategy.name} on {stream.kind}")
+        plot_accuracy_matrix(R, rd.file("accuracy_matrix.png"), f"{cfg.strategy.name}: R[t, k] (%)")
+        plot_curve(summary["A_t"], rd.file("accuracy_curve.png"), title=f"{cfg.strategy.name} on {stream.kind}")
     return metrics

@@ -23,25 +23,25 @@ Run folder: ``config.yaml``, ``metrics.json``, ``unlearning_curve.png``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
 from adaptsim.cl.backbones import BackboneConfig, create_backbone
-from adaptsim.cl.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict, unknown_key_error
+from adaptsim.cl.config import ConfigError, apply_overrides, from_dict, read_yaml
 from adaptsim.cl.data import DatasetConfig, ImageTensorDataset, load_dataset
-from adaptsim.cl.experiment import RunConfig
+from adaptsim.cl.experiment import ExperimentBase, RunConfig
+from adaptsim.cl.rundir import RunDir
 from adaptsim.cl.train import TrainConfig, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
 __all__ = ["UnlearningStream", "UnlearningExperiment", "unlearning_from_raw", "load_unlearning",
-           "run_unlearning", "split_request"]
+           "run_unlearning", "run_requests", "prepare_unlearning", "split_request"]
 
 SECTIONS = ("unlearning", "method", "backbone", "train", "run")
 
@@ -68,8 +68,20 @@ class UnlearningStream:
             raise ValueError(f"unlearning.requests holds a negative class id: {self.requests}")
 
 
+def _parse_method(raw: Any) -> Any:
+    from adaptsim.strategies.o3 import O3Config
+
+    return from_dict(O3Config, raw, "method")
+
+
 @dataclass(frozen=True)
-class UnlearningExperiment:
+class UnlearningExperiment(ExperimentBase):
+    """A continual-unlearning run: a trained classifier, then a stream of forget requests."""
+
+    SECTIONS: ClassVar[tuple[str, ...]] = SECTIONS
+    REQUIRED: ClassVar[tuple[str, ...]] = ("unlearning",)
+    PARSERS: ClassVar[dict[str, Callable[[Any], Any]]] = {"method": _parse_method}
+
     unlearning: UnlearningStream
     method: Any  # adaptsim.strategies.o3.O3Config
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -77,25 +89,10 @@ class UnlearningExperiment:
     run: RunConfig = field(default_factory=RunConfig)
     source: str = ""
 
-    def to_raw(self) -> dict[str, Any]:
-        return {k: to_dict(getattr(self, k)) for k in SECTIONS}
-
 
 def unlearning_from_raw(raw: Mapping[str, Any], source: str = "") -> UnlearningExperiment:
     """Builds the typed config from a raw mapping (strict: unknown keys raise ConfigError)."""
-    from adaptsim.strategies.o3 import O3Config
-
-    for key in raw:
-        if key not in SECTIONS:
-            raise unknown_key_error("<top level>", key, list(SECTIONS))
-    exp = UnlearningExperiment(
-        unlearning=from_dict(UnlearningStream, raw.get("unlearning"), "unlearning"),
-        method=from_dict(O3Config, raw.get("method"), "method"),
-        backbone=from_dict(BackboneConfig, raw.get("backbone"), "backbone"),
-        train=from_dict(TrainConfig, raw.get("train"), "train"),
-        run=from_dict(RunConfig, raw.get("run"), "run"),
-        source=source,
-    )
+    exp = UnlearningExperiment.from_raw(raw, source)
     if exp.method.name == "o3" and len(exp.unlearning.requests) > exp.method.max_requests:
         raise ConfigError(f"unlearning.requests has {len(exp.unlearning.requests)} requests but "
                           f"method.max_requests is {exp.method.max_requests}")
@@ -104,7 +101,9 @@ def unlearning_from_raw(raw: Mapping[str, Any], source: str = "") -> UnlearningE
 
 def load_unlearning(path: str, overrides: Mapping[str, Any] | None = None) -> UnlearningExperiment:
     """Reads the YAML at ``path``, applies dotted ``overrides`` and builds the config."""
-    return unlearning_from_raw(apply_overrides(read_yaml(path), overrides or {}), source=str(path))
+    raw = dict(read_yaml(path))
+    raw.pop("kind", None)
+    return unlearning_from_raw(apply_overrides(raw, overrides or {}), source=str(path))
 
 
 def split_request(ds: ImageTensorDataset,
@@ -143,23 +142,12 @@ def _evaluate(model, train: ImageTensorDataset, test: ImageTensorDataset,
     return row
 
 
-def run_unlearning(cfg: UnlearningExperiment):
-    """Trains the original classifier, processes every request, evaluates, writes the run folder.
-
-    Returns:
-        :class:`adaptsim.cl.runner.RunResult` (run folder, metrics).
+def prepare_unlearning(cfg: UnlearningExperiment) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+    """Loads the data and checks the requests against it (before a run folder exists).
 
     Raises:
-        ConfigError: when a request names a class the dataset does not have.
-        FileExistsError: when the run folder already holds a finished run.
+        ConfigError: when a request names a class the dataset does not have, or forgets all.
     """
-    from adaptsim.cl.config import write_yaml
-    from adaptsim.cl.runner import RunResult
-    from adaptsim.strategies.o3 import O3Unlearner
-
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
-    device = cfg.train.resolved_device()
     train, test = load_dataset(cfg.unlearning.dataset)
     n_classes = len(train.class_names)
     bad = [c for r in cfg.unlearning.requests for c in r if c >= n_classes]
@@ -167,13 +155,27 @@ def run_unlearning(cfg: UnlearningExperiment):
         raise ConfigError(f"unlearning.requests names classes {bad}, but the dataset has {n_classes}")
     if len({c for r in cfg.unlearning.requests for c in r}) >= n_classes:
         raise ConfigError("unlearning.requests must leave at least one class retained")
-    name = cfg.run.name or f"{Path(cfg.source).stem or 'unlearn'}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.run.out_dir) / name
-    if (run_dir / "metrics.json").exists():
-        raise FileExistsError(f"run folder {run_dir} already holds a finished run; choose another run.name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_yaml(cfg.to_raw(), run_dir / "config.yaml")
+    return train, test
 
+
+def run_unlearning(cfg: UnlearningExperiment):
+    """Runs ``cfg`` through the run engine (kind ``unlearning``); returns its RunResult."""
+    from adaptsim.cl import engine
+
+    return engine.run_config(cfg, kind="unlearning")
+
+
+def run_requests(cfg: UnlearningExperiment, rd: RunDir, *, resume: bool = False,
+                 stop_after: int | None = None, prepared=None) -> dict[str, Any]:
+    """The ``unlearning`` run kind: trains the original classifier, processes every request,
+    evaluates after each, and writes ``metrics.json`` and the plot into ``rd``."""
+    from adaptsim.strategies.o3 import O3Unlearner
+
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = cfg.train.resolved_device()
+    train, test = prepared if prepared is not None else prepare_unlearning(cfg)
+    n_classes = len(train.class_names)
     wall0 = time.perf_counter()
     seed_everything(cfg.run.seed)
     backbone = create_backbone(cfg.backbone).to(device).eval()
@@ -212,10 +214,10 @@ def run_unlearning(cfg: UnlearningExperiment):
         "train_stats": [{k: float(v) for k, v in s.items() if isinstance(v, (int, float))} for s in stats],
         "wall_seconds": time.perf_counter() - wall0,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    rd.write_metrics(metrics)
     if cfg.run.plots:
-        _plot(rows, run_dir / "unlearning_curve.png", cfg.method.name)
-    return RunResult(run_dir, metrics)
+        _plot(rows, rd.file("unlearning_curve.png"), cfg.method.name)
+    return metrics
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:

@@ -1,7 +1,8 @@
 """Run a federated scenario and write its run folder (like the CL runs).
 
-``python run_scenario.py scenarios/fed_ffa_lora.yaml`` calls :func:`run_from_raw` for YAMLs
-with a ``federated`` section; ``federated.mode`` picks the engine: ``inprocess``
+``adaptsim run scenarios/fed_ffa_lora.yaml`` runs YAMLs with a ``federated`` section as run kind
+``federated`` (``fednano`` for ``federated.method: fednano``, see :mod:`adaptsim.federated.runkinds`);
+:func:`run_rounds` is their run function. ``federated.mode`` picks the engine: ``inprocess``
 (:mod:`adaptsim.federated.local_sim`), ``simulation`` (Flower simulation engine,
 ``adaptsim.federated.sim_engine.run_simulation_mode``) or ``deployment`` (SuperLink +
 SuperNodes, ``adaptsim.federated.deploy.run_deployment_mode``).
@@ -10,52 +11,45 @@ Run folder: ``config.yaml`` (resolved), ``metrics.json`` (``rounds``: one dict p
 accuracy, loss, per-client epsilon, bytes up/down, seconds, replies, failures; ``summary``),
 ``accuracy_vs_round.png``, ``accuracy_vs_epsilon.png`` and ``checkpoints/round_NNN.{npz,json}``
 (global arrays; client states and metrics so far). An in-process run continues from its last
-checkpoint with ``python -m adaptsim.federated.runner --resume RUN_DIR``.
+checkpoint with ``adaptsim run --resume RUN_DIR``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from adaptsim.cl.config import read_yaml, write_yaml
+from adaptsim.cl.config import ConfigError
+from adaptsim.cl.rundir import RunDir
 from adaptsim.federated.config import FedExperimentConfig, load_fed_experiment
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FedRunResult", "run_from_raw", "run_fed", "write_fed_outputs", "summarize_rounds",
-           "new_run_dir", "plot_accuracy_vs_epsilon"]
-
-
-@dataclass
-class FedRunResult:
-    """Attributes: run_dir (the run folder), metrics (what metrics.json holds)."""
-
-    run_dir: Path
-    metrics: dict[str, Any]
+__all__ = ["run_from_raw", "run_fed", "run_rounds", "write_fed_outputs", "summarize_rounds",
+           "new_run_dir", "kind_of", "plot_accuracy_vs_epsilon"]
 
 
 def new_run_dir(cfg: FedExperimentConfig) -> Path:
-    """Creates ``run.out_dir / (run.name or <yaml stem>-<method>-<time>)`` with ``config.yaml``.
+    """A new run folder for ``cfg`` (``config.yaml``, status ``running``), for Flower's own
+    ``flwr run .`` launches that do not go through the run engine.
 
     Raises:
-        FileExistsError: if the folder already holds a finished run.
+        RunDirError: if the folder already holds a finished run.
     """
-    name = cfg.run.name or f"{Path(cfg.source).stem or 'fed'}-{cfg.federated.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.run.out_dir) / name
-    if (run_dir / "metrics.json").exists():
-        raise FileExistsError(f"run folder {run_dir} already holds a finished run; choose another run.name")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    write_yaml(cfg.to_raw(), run_dir / "config.yaml")
-    return run_dir
+    from adaptsim.cl.engine import run_folder_name
+    from adaptsim.cl.runkinds import get_run_kind
+
+    kind = get_run_kind(kind_of(cfg))
+    return RunDir.create(cfg.run.out_dir, run_folder_name(kind, cfg), cfg.to_raw(), kind.name).path
+
+
+def kind_of(cfg: FedExperimentConfig) -> str:
+    """The run kind of a federated config: ``fednano`` or ``federated``."""
+    return "fednano" if cfg.federated.method == "fednano" else "federated"
 
 
 def _finite_max(values) -> float:
@@ -73,17 +67,6 @@ def summarize_rounds(rounds: list[dict]) -> dict[str, Any]:
             "bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": sum(r["bytes_down"] for r in rounds),
             "seconds": sum(r["seconds"] for r in rounds), "rounds": len(rounds),
             "failures": sum(r.get("failures", 0) for r in rounds)}
-
-
-def _json_safe(obj):
-    """inf/nan -> null (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def plot_accuracy_vs_epsilon(series: Mapping[str, tuple[list[float], list[float]]], path: Path,
@@ -120,7 +103,7 @@ def plot_accuracy_vs_epsilon(series: Mapping[str, tuple[list[float], list[float]
     plt.close(fig)
 
 
-def write_fed_outputs(cfg: FedExperimentConfig, rounds: list[dict], run_dir: Path) -> dict[str, Any]:
+def write_fed_outputs(cfg: FedExperimentConfig, rounds: list[dict], run_dir: Path | RunDir) -> dict[str, Any]:
     """Writes ``metrics.json`` and the two plots (used by every mode, Flower's included).
 
     Args:
@@ -131,10 +114,11 @@ def write_fed_outputs(cfg: FedExperimentConfig, rounds: list[dict], run_dir: Pat
     Returns:
         The metrics dict written (``rounds``, ``summary``, ``config_hash``, ``method``, ``mode``).
     """
-    run_dir = Path(run_dir)
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run_dir = rd.path
     metrics = {"method": cfg.federated.method, "mode": cfg.federated.mode,
                "config_hash": cfg.config_hash(), "rounds": rounds, "summary": summarize_rounds(rounds)}
-    (run_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=1))
+    rd.write_metrics(metrics)
     if cfg.run.plots and rounds:
         from adaptsim.cl.plots import plot_curve
 
@@ -148,8 +132,8 @@ def write_fed_outputs(cfg: FedExperimentConfig, rounds: list[dict], run_dir: Pat
 
 
 def run_fed(cfg: FedExperimentConfig | None = None, *, resume: str | Path | None = None,
-            stop_after: int | None = None) -> FedRunResult:
-    """Runs (or resumes) a federated experiment and writes its run folder.
+            stop_after: int | None = None):
+    """Runs (or resumes) a federated experiment through the run engine.
 
     Args:
         cfg: the experiment (read from ``RUN_DIR/config.yaml`` when resuming).
@@ -157,34 +141,46 @@ def run_fed(cfg: FedExperimentConfig | None = None, *, resume: str | Path | None
         stop_after: stop after this many rounds (in-process only; simulates a killed run).
 
     Returns:
-        The run folder and metrics.
+        :class:`adaptsim.cl.engine.RunResult` (run folder and metrics).
+    """
+    from adaptsim.cl import engine
+
+    if resume is not None:
+        return engine.resume_run(resume, stop_after=stop_after)
+    if cfg is None:
+        raise ValueError("run_fed needs a config or resume=RUN_DIR")
+    return engine.run_config(cfg, kind_of(cfg), stop_after=stop_after)
+
+
+def run_rounds(cfg: FedExperimentConfig, rd: RunDir, *, resume: bool = False, stop_after: int | None = None,
+               prepared: Any = None) -> dict[str, Any] | None:
+    """The ``federated`` and ``fednano`` run kinds: every round into ``rd`` (``federated.mode``
+    picks in-process, Flower's simulation engine or SuperLink + SuperNodes).
+
+    Returns:
+        The metrics written, or None when ``stop_after`` stopped an in-process run early.
 
     Raises:
-        ValueError: if neither ``cfg`` nor ``resume`` is given, or resume is asked of a Flower mode.
+        ConfigError: when resume is asked of a mode or method that cannot resume.
     """
-    if resume is not None:
-        run_dir = Path(resume)
-        cfg = load_fed_experiment(read_yaml(run_dir / "config.yaml"), source=str(run_dir))
-    elif cfg is None:
-        raise ValueError("run_fed needs a config or resume=RUN_DIR")
-    else:
-        run_dir = new_run_dir(cfg)
     fed = cfg.federated
+    run_dir = rd.path
     if fed.num_threads:
         torch.set_num_threads(fed.num_threads)
+    if resume and (fed.mode != "inprocess" or fed.method == "fednano"):
+        raise ConfigError(f"resume is supported for federated.mode=inprocess with lora/ffa_lora, "
+                          f"not mode {fed.mode!r} with method {fed.method!r}; start the run again")
+    on_round = lambda rs: write_fed_outputs(cfg, rs, rd) and None  # noqa: E731
     if fed.method == "fednano" and fed.mode == "inprocess":  # FedNano's own loop (split training)
-        if resume is not None:
-            raise ValueError("resume is not supported for federated.method=fednano")
         from adaptsim.federated.fednano.loop import run_inprocess_fednano
 
-        rounds = run_inprocess_fednano(cfg, run_dir, on_round=lambda rs: write_fed_outputs(cfg, rs, run_dir) and None)
+        rounds = run_inprocess_fednano(cfg, run_dir, on_round=on_round)
     elif fed.mode == "inprocess":
         from adaptsim.federated.local_sim import run_inprocess
 
-        rounds = run_inprocess(cfg, run_dir, resume=resume is not None, stop_after=stop_after,
-                               on_round=lambda rs: write_fed_outputs(cfg, rs, run_dir) and None)
-    elif resume is not None:
-        raise ValueError(f"resume is supported for federated.mode=inprocess, not {fed.mode!r}")
+        rounds = run_inprocess(cfg, run_dir, resume=resume, stop_after=stop_after, on_round=on_round)
+        if stop_after is not None and len(rounds) < fed.rounds:
+            return None
     elif fed.mode == "simulation":
         from adaptsim.federated.sim_engine import run_simulation_mode
 
@@ -193,31 +189,11 @@ def run_fed(cfg: FedExperimentConfig | None = None, *, resume: str | Path | None
         from adaptsim.federated.deploy import run_deployment_mode
 
         rounds = run_deployment_mode(cfg, run_dir)
-    metrics = write_fed_outputs(cfg, rounds, run_dir)
+    metrics = write_fed_outputs(cfg, rounds, rd)
     log.info("federated run %s: %s", run_dir, metrics["summary"])
-    return FedRunResult(run_dir, metrics)
+    return metrics
 
 
-def run_from_raw(raw: Mapping[str, Any], source: str = "") -> FedRunResult:
-    """Entry used by ``run_scenario.py``: strict config from the raw YAML, then :func:`run_fed`."""
+def run_from_raw(raw: Mapping[str, Any], source: str = ""):
+    """Strict config from the raw YAML mapping, then :func:`run_fed`."""
     return run_fed(load_fed_experiment(raw, source))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m adaptsim.federated.runner (CONFIG.yaml | --resume RUN_DIR)``."""
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("config", nargs="?")
-    p.add_argument("--resume", metavar="RUN_DIR")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.resume:
-        result = run_fed(resume=args.resume)
-    else:
-        result = run_from_raw(read_yaml(args.config), source=args.config)
-    print(f"run folder: {result.run_dir}")
-    print(json.dumps(_json_safe(result.metrics["summary"])))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -59,24 +59,38 @@ def handshake(grid: Grid, cfg, timeout: float) -> dict[int, int]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Runs ``federated.rounds`` rounds and writes the run folder."""
-    import torch
-
-    from adaptsim.federated.flower_strategy import AdaptsimFedAvg
+    from adaptsim.cl.rundir import RunDir
     from adaptsim.federated.runner import new_run_dir
-    from adaptsim.federated.task import initial_arrays
 
     route_logs_to_flower()
     cfg = experiment_from_run_config(context.run_config)
-    run_dir = Path(str(context.run_config.get("run-dir", "")) or new_run_dir(cfg))
+    own_dir = not str(context.run_config.get("run-dir", ""))  # `flwr run .` without the run engine
+    run_dir = new_run_dir(cfg) if own_dir else Path(str(context.run_config["run-dir"]))
     run_dir.mkdir(parents=True, exist_ok=True)
-    timeout = float(context.run_config.get("round-timeout", 600.0))
+    try:
+        _serve(grid, cfg, run_dir, float(context.run_config.get("round-timeout", 600.0)))
+    except BaseException as exc:
+        if own_dir:
+            RunDir(run_dir).mark_failed(f"{type(exc).__name__}: {exc}")
+        raise
+    if own_dir:
+        RunDir(run_dir).mark_finished()
+    logger.info("run folder: %s", run_dir)
+
+
+def _serve(grid: Grid, cfg, run_dir: Path, timeout: float) -> None:
+    import torch
+
+    from adaptsim.federated.flower_strategy import AdaptsimFedAvg
+    from adaptsim.federated.task import initial_arrays
+
     if cfg.federated.num_threads:
         torch.set_num_threads(cfg.federated.num_threads)
     if cfg.federated.method == "fednano":  # FedNano: its own strategy (Fisher merging, split bytes)
         from adaptsim.federated.fednano.flower import run_fednano_server
 
-        return run_fednano_server(grid, cfg, handshake(grid, cfg, timeout), run_dir, timeout)
+        run_fednano_server(grid, cfg, handshake(grid, cfg, timeout), run_dir, timeout)
+        return
     strategy = AdaptsimFedAvg(cfg, handshake(grid, cfg, timeout), run_dir)
     strategy.start(grid, arrays_to_record(initial_arrays(cfg)), num_rounds=cfg.federated.rounds,
                    timeout=timeout, evaluate_fn=strategy.central_evaluate)
-    logger.info("run folder: %s", run_dir)

@@ -174,6 +174,28 @@ class Strategy(ABC):
                     total += p.numel()
         return total
 
+    def stored_parameter_count(self) -> int:
+        """Numbers the strategy keeps beyond the frozen backbone: every tensor element of its
+        modules' state (frozen old adapters, prototypes, statistics included) and of
+        :meth:`extra_state`, backbone weights excluded."""
+        backbone_ids = {p.data_ptr() for p in self.backbone.parameters()}
+        total = 0
+        for m in self.modules().values():
+            for t in m.state_dict().values():
+                if isinstance(t, torch.Tensor) and t.data_ptr() not in backbone_ids:
+                    total += t.numel()
+
+        def count(obj: Any) -> int:
+            if isinstance(obj, torch.Tensor):
+                return obj.numel()
+            if isinstance(obj, dict):
+                return sum(count(v) for v in obj.values())
+            if isinstance(obj, (list, tuple)):
+                return sum(count(v) for v in obj)
+            return 0
+
+        return total + count(self.extra_state())
+
     def run_metrics(self) -> dict[str, Any]:
         """Extra numbers for metrics.json (e.g. active ranks, number of adapters)."""
         return {}
@@ -235,3 +257,17 @@ def list_strategies() -> list[str]:
 def get_strategy(name: str) -> tuple[type, type]:
     """``(ConfigCls, StrategyCls)`` of ``name``; ``KeyError`` listing the names when unknown."""
     return STRATEGIES.get(name)
+
+
+def check_scenario(name: str, kind: str) -> None:
+    """Raise ``ConfigError`` when strategy ``name`` does not support ``kind`` streams.
+
+    Checked when a run is built, before its folder exists.
+    """
+    from adaptsim.cl.config import ConfigError
+
+    supported = get_strategy(name)[1].SUPPORTED_SCENARIOS
+    if kind not in supported:
+        fits = [n for n in list_strategies() if kind in get_strategy(n)[1].SUPPORTED_SCENARIOS]
+        raise ConfigError(f"strategy {name!r} does not support {kind!r} streams (it supports "
+                          f"{', '.join(sorted(supported))}); strategies for {kind!r}: {', '.join(fits)}")

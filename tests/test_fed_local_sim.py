@@ -63,7 +63,7 @@ def test_run_folder_metrics_bytes_and_learning(tmp_path):
     cfg = load_fed_experiment(_raw(tmp_path))
     per_client = array_bytes(trainable_arrays(get_model(cfg), "ffa_lora"))
     assert all(r["bytes_up"] == r["bytes_down"] == 3 * per_client and r["replies"] == 3 for r in rounds)
-    assert set(rounds[-1]["epsilon"]) == {"0", "1", "2", "3"} and rounds[-1]["epsilon"]["0"] is None  # no DP: inf -> null
+    assert set(rounds[-1]["epsilon"]) == {"0", "1", "2", "3"} and rounds[-1]["epsilon"]["0"] == "inf"  # no DP: inf -> "inf" (RunDir's JSON encoding)
     from adaptsim.federated.task import client_dataset, evaluate
 
     before = evaluate(get_model(cfg), initial_arrays(cfg), client_dataset(cfg, 0, 4)[1])
@@ -77,7 +77,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     full = run_from_raw(_raw(tmp_path, name="full", dp={"epsilon": 5.0}))
     cfg = load_fed_experiment(_raw(tmp_path, name="cut", dp={"epsilon": 5.0}))
     part = run_fed(cfg, stop_after=1)
-    assert len(part.metrics["rounds"]) == 1
+    assert not part.finished and json.loads((part.run_dir / "status.json").read_text())["status"] == "running"
+    assert len(json.loads((part.run_dir / "metrics.json").read_text())["rounds"]) == 1
     resumed = run_fed(resume=part.run_dir)
     a = [(r["accuracy"], r["epsilon"]) for r in full.metrics["rounds"]]
     b = [(r["accuracy"], r["epsilon"]) for r in resumed.metrics["rounds"]]

@@ -34,11 +34,14 @@ def test_run_folder_has_everything(tmp_path):
     R = np.array(m["R"])
     assert R.shape == (3, 3)
     assert m["A_last"] == pytest.approx(np.average(R[2], weights=m["test_sizes"]))
-    assert np.loadtxt(d / "accuracy_matrix.csv", delimiter=",").shape == (3, 3)
+    assert np.loadtxt(d / "accuracy_matrix.csv", delimiter=",", skiprows=1).shape == (3, 3)
+    assert json.loads((d / "status.json").read_text())["status"] == "finished"
     # the resolved config re-creates the same experiment
     assert load_experiment(d / "config.yaml").config_hash() == m["config_hash"]
     # a finished run folder is never overwritten
-    with pytest.raises(FileExistsError):
+    from adaptsim.cl.rundir import RunDirError
+
+    with pytest.raises(RunDirError, match="finished run"):
         run(_cfg(tmp_path, "--run.name=a"))
 
 
@@ -46,8 +49,8 @@ def test_resume_after_kill_gives_same_metrics(tmp_path):
     extra = ["--strategy.name=finetune", "--strategy.epochs=2"]
     full = run(_cfg(tmp_path, "--run.name=full", *extra)).metrics
     part = run(_cfg(tmp_path, "--run.name=killed", *extra), stop_after=2)
-    assert part.metrics["finished"] is False and len(part.metrics["R"]) == 2
-    assert not (part.run_dir / "metrics.json").exists()
+    assert part.finished is False and not (part.run_dir / "metrics.json").exists()
+    assert json.loads((part.run_dir / "status.json").read_text())["status"] == "running"
     resumed = run(resume=part.run_dir).metrics
     assert resumed["R"] == full["R"]
     assert resumed["A_last"] == full["A_last"] and resumed["forgetting"] == full["forgetting"]

@@ -87,13 +87,13 @@ def test_retrain_run_writes_folder_and_forgets_exactly(tmp_path):
 
 
 def test_entry_dispatches_unlearning_yaml(tmp_path, capsys):
-    from adaptsim.cl.entry import main_entry
+    from adaptsim.cl.cli import main
 
     path = tmp_path / "unlearn.yaml"
     raw = _raw(tmp_path, method="random_labels")
     raw["unlearning"]["requests"] = [[0]]
     path.write_text(yaml.safe_dump(raw))
-    assert main_entry(str(path), None, ["--method.epochs=1"]) == 0
+    assert main(["run", str(path), "--method.epochs=1"]) == 0
     run_dir = tmp_path / "run_random_labels"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["method"] == "random_labels" and len(metrics["rows"]) == 2
