@@ -106,6 +106,15 @@ class BackboneConfig:
                 raise ValueError(f"img_size ({self.img_size}) must be a multiple of tiny_patch ({self.tiny_patch})")
             if self.tiny_dim % self.tiny_heads:
                 raise ValueError(f"tiny_dim ({self.tiny_dim}) must be divisible by tiny_heads ({self.tiny_heads})")
+        special = (IMGFOCUS_NAME, TINY_VIT_NAME, OPEN_CLIP_TINY_NAME)
+        if self.name not in special and not self.name.startswith(OPEN_CLIP_PREFIX):
+            import timm
+
+            if not timm.is_model(self.name):
+                from adaptsim.cl.registry import closest
+
+                raise ValueError(f"name {self.name!r} is not a timm model nor one of {', '.join(special)}, "
+                                 f"'open_clip:<arch>'{closest(self.name, list(special) + timm.list_models())}")
         if self.name.startswith(OPEN_CLIP_PREFIX) and self.pretrained and self.pretrained_tag is None:
             raise ValueError(
                 f"pretrained_tag is required for {self.name} with pretrained=True (e.g. 'openai'; "

@@ -159,7 +159,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adaptsim`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, rest = _parser().parse_known_args(argv)
+    try:
+        args, rest = _parser().parse_known_args(argv)
+    except SystemExit as exc:  # --help, or a usage mistake already printed as one error: line
+        return int(exc.code or 0)
     _setup_logging(args.quiet)
     from adaptsim.cl.engine import USER_ERRORS
 
