@@ -4,8 +4,8 @@ Tiles come from, in order: :func:`forced_tiles` (tests pin small tiles to reach 
 rank tiles on tiny shapes), the interpreter defaults (small: the interpreter is slow), or on a
 GPU ``triton.autotune`` over a short config list keyed on ``(M, K|N, R, RB, gate kind, mode)``
 (``ADAPTSIM_AUTOTUNE=0`` uses the first config of each list instead: no tuning runs). Rank tiles
-``BR`` are not tuned: ``next_pow2(R)`` clamped to [16, 64] (dense) or ``next_pow2(r)`` (SGMV,
-one tile per adapter, ``r <= 256``).
+``BR`` are not tuned: ``next_pow2(R)`` clamped to [16, 64] (dense; 16 in the interpreter) or
+``next_pow2(r)`` (SGMV, one tile per adapter, ``r <= 256``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = ["MAX_SEG_RANK", "forced_tiles", "launch_expand", "launch_outer", "lau
 MAX_SEG_RANK = 256
 
 _FORCED: dict[str, int] | None = None
-_INTERP = dict(BM=32, BK=32, BN=32, BC=32, GROUP_M=2, SPLIT=2)
+_INTERP = dict(BM=32, BK=32, BN=32, BC=32, BR=16, GROUP_M=2, SPLIT=2)
 # (BM, BK | BN | BC, GROUP_M, num_warps, num_stages); first entry = untuned default.
 _SHRINK_CFGS = [(64, 64, 0, 4, 3), (128, 64, 0, 4, 3), (128, 32, 0, 4, 4), (64, 128, 0, 4, 3)]
 _EXPAND_CFGS = [(128, 128, 8, 8, 3), (64, 128, 8, 4, 4), (128, 64, 8, 4, 4), (64, 64, 8, 4, 4)]
@@ -37,7 +37,10 @@ _ACT = {"identity": 0, "relu": 1}
 
 @contextlib.contextmanager
 def forced_tiles(**tiles: int) -> Iterator[None]:
-    """Pins tile sizes (``BM, BK, BN, BC, GROUP_M, SPLIT``) for launches inside the block."""
+    """Pins tile sizes (``BM, BK, BN, BC, BR, GROUP_M, SPLIT``) for launches inside the block.
+
+    ``BR`` is the dense-mode rank tile (SGMV always uses one tile per adapter).
+    """
     global _FORCED
     old, _FORCED = _FORCED, {**_INTERP, **tiles}
     try:
@@ -57,6 +60,14 @@ def _p2(n: int, lo: int, hi: int) -> int:
 def _ieee(dtype: torch.dtype) -> bool:
     """fp32 operands in IEEE precision (no TF32); also bf16 under the numpy interpreter."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and tk.interpreting())
+
+
+def _rank_tile(rl: int, seg: bool) -> int:
+    """Rank tile: one per adapter (SGMV), else ``next_pow2(R)`` in [16, 64] (or the pinned BR)."""
+    if seg:
+        return _p2(rl, 16, MAX_SEG_RANK)
+    fixed = _fixed()
+    return _p2(rl, 16, fixed["BR"] if fixed is not None else 64)
 
 
 def _debug() -> bool:
@@ -132,7 +143,7 @@ def launch_shrink(X: torch.Tensor | None, W: torch.Tensor | None, *, R: int, M: 
     if pre is None:
         pre = torch.empty(M, rl, **f32)
     h = torch.empty(M, rl, device=dev, dtype=out_dtype) if out is None else out
-    BR = _p2(rl, 16, MAX_SEG_RANK) if seg is not None else _p2(rl, 16, 64)
+    BR = _rank_tile(rl, seg is not None)
     n_rt = 1 if seg is not None else _cdiv(rl, BR)
     dg = None
     if bwd and kind != tk.GATE_NONE:
@@ -170,7 +181,7 @@ def launch_expand(H: torch.Tensor, W: torch.Tensor, Y: torch.Tensor, *, R: int, 
     """``Y[m, n] (+)= sum_r H[m, r] W[n, roff + r] (+ bias[n])`` in place (W through strides)."""
     M, N = Y.shape
     rl = rb if seg is not None else R
-    BR = _p2(rl, 16, 64)
+    BR = _rank_tile(rl, False)  # the expand loops over rank tiles of BR
     dummy = H
     args = (H, W, Y, dummy if bias is None else bias, *_seg_args(seg, dummy), M, N, R, rb,
             H.stride(0), H.stride(1), swn, swr, Y.stride(0), Y.stride(1))
@@ -201,7 +212,7 @@ def launch_outer(D: torch.Tensor, X: torch.Tensor, *, R: int, rb: int, seg: Segm
     """``OUT[r, c] = sum_m D[m, r] X[m, c]`` per adapter segment; returns fp32 (R, C)."""
     M, C = X.shape
     rl = rb if seg is not None else R
-    BR = _p2(rl, 16, MAX_SEG_RANK) if seg is not None else _p2(rl, 16, 64)
+    BR = _rank_tile(rl, seg is not None)
     n_r = seg.n if seg is not None else _cdiv(rl, BR)
     split = _split(M, n_r * _cdiv(C, 128), X.device)
     out = torch.empty(split, R, C, device=X.device, dtype=torch.float32)
