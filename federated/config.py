@@ -22,16 +22,14 @@ and the closest match, like the CL configs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from adaptsim.cl.backbones import BackboneConfig
-from adaptsim.cl.config import ConfigError, from_dict, to_dict, unknown_key_error
+from adaptsim.cl.config import ConfigError
 from adaptsim.cl.data import DatasetConfig
-from adaptsim.cl.experiment import RunConfig
+from adaptsim.cl.experiment import ExperimentBase, RunConfig
 from adaptsim.federated.fednano.config import FedNanoConfig
 
 __all__ = ["DPConfig", "FedScenarioConfig", "FederatedConfig", "FedExperimentConfig",
@@ -187,8 +185,11 @@ class FedScenarioConfig:
 
 
 @dataclass(frozen=True)
-class FedExperimentConfig:
+class FedExperimentConfig(ExperimentBase):
     """A whole federated experiment (hashable: used as the per-process model-cache key)."""
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("scenario", "backbone", "federated", "run")
+    REQUIRED: ClassVar[tuple[str, ...]] = ("federated",)
 
     scenario: FedScenarioConfig = field(default_factory=FedScenarioConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -196,19 +197,8 @@ class FedExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     source: str = ""
 
-    def to_raw(self) -> dict[str, Any]:
-        """The resolved config as plain YAML-ready data (round-trips through the loader)."""
-        return {"scenario": to_dict(self.scenario), "backbone": to_dict(self.backbone),
-                "federated": to_dict(self.federated), "run": to_dict(self.run)}
 
-    def config_hash(self) -> str:
-        """Short hash of everything but the run folder's name and location."""
-        raw = self.to_raw()
-        raw["run"] = {k: v for k, v in raw["run"].items() if k not in ("name", "out_dir")}
-        return hashlib.sha1(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-SECTIONS = ("scenario", "backbone", "federated", "run")
+SECTIONS = FedExperimentConfig.SECTIONS
 
 
 def load_fed_experiment(raw: Mapping[str, Any], source: str = "") -> FedExperimentConfig:
@@ -224,15 +214,4 @@ def load_fed_experiment(raw: Mapping[str, Any], source: str = "") -> FedExperime
     Raises:
         ConfigError: on unknown sections or keys, wrong types or invalid values.
     """
-    for key in raw:
-        if key not in SECTIONS:
-            raise unknown_key_error("<top level>", key, list(SECTIONS))
-    if "federated" not in raw:
-        raise ConfigError("config needs a 'federated' section")
-    return FedExperimentConfig(
-        scenario=from_dict(FedScenarioConfig, raw.get("scenario"), "scenario"),
-        backbone=from_dict(BackboneConfig, raw.get("backbone"), "backbone"),
-        federated=from_dict(FederatedConfig, raw.get("federated"), "federated"),
-        run=from_dict(RunConfig, raw.get("run"), "run"),
-        source=source,
-    )
+    return FedExperimentConfig.from_raw(raw, source)
