@@ -51,10 +51,27 @@ def _run(cfg, rd, **kw):
     return run_rounds(cfg, rd, **kw)
 
 
-def _prepare(cfg) -> None:
-    from adaptsim.cl.data import load_dataset
+def _prepare_data(cfg) -> None:
+    from adaptsim.federated.task import load_data
 
-    load_dataset(cfg.scenario.dataset)  # a missing data file is an error before any folder exists
+    load_data(cfg)  # a missing data file is an error before any run folder exists
+
+
+def _prepare(cfg) -> None:
+    """Load the data and draw the partitions before a run folder exists: a missing data file or
+    a partition that cannot be drawn (too many clients, ``min_partition_size``) is a config error."""
+    from adaptsim.cl.config import ConfigError
+    from adaptsim.federated.partition import partition_indices
+    from adaptsim.federated.task import load_data
+
+    f = cfg.federated
+    train, _ = load_data(cfg)
+    try:
+        partition_indices(train.targets, f.num_clients, f.partition, alpha=f.dirichlet_alpha,
+                          seed=f.partition_seed, min_partition_size=f.min_partition_size)
+    except ValueError as exc:
+        raise ConfigError(f"federated: cannot partition {len(train.targets)} training samples over "
+                          f"{f.num_clients} clients: {exc}") from None
 
 
 def _is_fednano(raw: Mapping[str, Any]) -> bool:
@@ -66,14 +83,14 @@ def register() -> None:
     """Entry point of group ``adaptsim.run_kinds``: registers ``federated`` and ``fednano``."""
     from adaptsim.cl.runkinds import RunKind, register_run_kind
 
-    common = dict(run=_run, prepare=_prepare, label=lambda cfg: cfg.federated.method,
+    common = dict(run=_run, label=lambda cfg: cfg.federated.method,
                   summary=federated_summary, threads_key="federated.num_threads")
     register_run_kind(RunKind(
         name="federated",
         description="federated LoRA / FFA-LoRA on Flower (in-process, simulation engine, SuperLink), Opacus DP",
-        config_from_raw=_checked(False),
+        config_from_raw=_checked(False), prepare=_prepare,
         matches=lambda raw: "federated" in raw and not _is_fednano(raw), **common))
     register_run_kind(RunKind(
         name="fednano",
         description="FedNano: server-held frozen model, client NanoAdapters, Fisher merging (split training)",
-        config_from_raw=_checked(True), matches=_is_fednano, **common))
+        config_from_raw=_checked(True), prepare=_prepare_data, matches=_is_fednano, **common))

@@ -123,6 +123,7 @@ def _config_cases() -> list:
            ("strategy not a mapping", {**TINY, "strategy": "simplecil"}),
            ("scenario a list", {**TINY, "scenario": [1, 2]}), ("only run", {"run": {"seed": 1}}),
            ("fednano kind with lora", {**FED, "kind": "fednano"}),
+           ("more clients than samples", {**FED, "federated": {**FED["federated"], "num_clients": 5000}}),
            ("unlearning requests overlap", {**UNLEARN, "unlearning": {"dataset": {"name": "digits"}, "requests": [[0], [0]]}}),
            ("unlearning forgets all", {**UNLEARN, "unlearning": {"dataset": {"name": "digits"}, "requests": [list(range(10))]}}),
            ("unlearning class out of range", {**UNLEARN, "unlearning": {"dataset": {"name": "digits"}, "requests": [[42]]}}),
