@@ -228,8 +228,10 @@ def _group_entry(name: str, cells: list[Cell], keys: list[str]) -> dict[str, Any
             continue
         m, s, n = mean_std(vals)
         unit = metric_info(k)["unit"]
-        entry["metrics"][k] = {"mean": m, "std": s, "n": n, "values": vals,
-                               "display": f"{format_value(m, unit)} ± {format_value(s, unit)}"}
+        display = f"{format_value(m, unit)} ± {format_value(s, unit)}"
+        if n == 0 and len(set(vals)) == 1 and math.isinf(vals[0]):  # e.g. ε = ∞ (no DP) in every seed
+            m, display = vals[0], format_value(vals[0], unit)
+        entry["metrics"][k] = {"mean": m, "std": s, "n": n, "values": vals, "display": display}
     return entry
 
 
