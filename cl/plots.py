@@ -24,6 +24,8 @@ def plot_accuracy_matrix(R: np.ndarray, path: str | Path, title: str = "") -> No
     im = ax.imshow(R * 100, vmin=0, vmax=100, cmap="viridis")
     for t in range(R.shape[0]):
         for k in range(R.shape[1]):
+            if np.isnan(R[t, k]):  # untested (R is NaN above the diagonal without eval_future)
+                continue
             ax.text(k, t, f"{100 * R[t, k]:.0f}", ha="center", va="center",
                     color="white" if R[t, k] < 0.6 else "black", fontsize=8)
     ax.set_xlabel("test experience k")
