@@ -279,6 +279,8 @@ def rank_sparse_lora(
     down_bias: torch.Tensor | None = None,
     up_bias: torch.Tensor | None = None,
     pre: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rank-sparse LoRA delta ``s * ((phi(x A^T + down_bias) * G) B^T + up_bias)``.
 
@@ -294,19 +296,37 @@ def rank_sparse_lora(
         up_bias: optional (N,) bias of the up projection.
         pre: optional (..., R) ``x A^T`` already computed by the caller; the shrink GEMM is then
             skipped and the gradient of ``A``/``x`` flows through ``pre``'s own graph.
+        base_weight: optional (N, K) frozen base weight: the result is then
+            ``x W^T + base_bias + delta``, the delta accumulated in place into the base GEMM's
+            output (and ``dpre A`` into the base ``dx``). A base that requires grad is computed
+            by PyTorch and added (correct, not fused).
+        base_bias: optional (N,) bias of the base layer (only with ``base_weight``).
 
     Returns:
-        (..., N) delta in ``x.dtype``. Inactive ranks get exactly zero gradient on both paths.
+        (..., N) delta (or base output plus delta) in ``x.dtype``. Inactive ranks get exactly
+        zero gradient on both paths.
 
     Raises:
         ValueError, TypeError, RuntimeError: on bad shapes/dtypes/devices or backend.
     """
     _check(x, A, B, activation)
-    if resolve_backend(backend, x) == "reference":
-        return rank_sparse_lora_ref(x, A, B, scaling=scaling, activation=activation, gate=gate,
-                                    down_bias=down_bias, up_bias=up_bias, pre=pre)
+    if base_weight is not None and tuple(base_weight.shape) != (B.shape[0], x.shape[-1]):
+        raise ValueError(f"base_weight must be (N, K) = ({B.shape[0]}, {x.shape[-1]}), "
+                         f"got {tuple(base_weight.shape)}")
+    fused = base_weight is not None and not base_weight.requires_grad and (
+        base_bias is None or not base_bias.requires_grad)
+    use_ref = resolve_backend(backend, x) == "reference"
+    if use_ref or (base_weight is not None and not fused):
+        kw = dict(scaling=scaling, activation=activation, gate=gate, down_bias=down_bias,
+                  up_bias=up_bias, pre=pre)
+        d = (rank_sparse_lora_ref(x, A, B, **kw) if use_ref
+             else rank_sparse_lora(x, A, B, backend=backend, **kw))
+        if base_weight is None:
+            return d
+        return F.linear(x, base_weight.to(x.dtype), None if base_bias is None else base_bias.to(x.dtype)) + d
     y = _apply(x, A, (B,), scaling=scaling, activation=activation, gate=gate, down_bias=down_bias,
-               up_bias=up_bias, pre=pre, base_w=None, base_b=None, cols=None, n_out=B.shape[0])
+               up_bias=up_bias, pre=pre, base_w=None if base_weight is None else base_weight.to(x.dtype),
+               base_b=None if base_bias is None else base_bias.to(x.dtype), cols=None, n_out=B.shape[0])
     return y.reshape(*x.shape[:-1], B.shape[0])
 
 
@@ -340,6 +360,9 @@ def lora_linear(
         (..., N) output in ``x.dtype``.
     """
     Bs = [Bs] if isinstance(Bs, torch.Tensor) else list(Bs)
+    if out_slices is None and len(Bs) == 1:
+        return rank_sparse_lora(x, A, Bs[0], scaling=scaling, activation=activation, gate=gate,
+                                backend=backend, pre=pre, base_weight=weight, base_bias=bias)
     n = weight.shape[0]
     cols = None if out_slices is None else tuple((int(a), int(b)) for a, b in out_slices)
     if cols is not None and (len(cols) != len(Bs) or gate is not None or A.shape[0] % len(Bs)):

@@ -122,8 +122,8 @@ class AdapterBank(nn.Module):
         if adapter_ids is not None:
             if adapter_ids.shape != (nb,):
                 raise ValueError(f"adapter_ids must be ({nb},), got {tuple(adapter_ids.shape)}")
-            tok_scale = None if scale is None else scale.repeat_interleave(per)
-            gate = AdapterGate(adapter_ids.repeat_interleave(per), self.rank, tok_scale)
+            # a sample's tokens are contiguous: one SGMV segment per sample, no per-token ids
+            gate = AdapterGate(adapter_ids, self.rank, scale, tokens_per_id=per)
         elif weights is not None:
             if weights.shape != (nb, len(self)):
                 raise ValueError(f"weights must be ({nb}, {len(self)}), got {tuple(weights.shape)}")

@@ -26,10 +26,10 @@ class BottleneckAdapter(nn.Module):
     ``adapter_up_weight`` (dim, bottleneck), ``adapter_up_bias`` (dim). They are direct
     parameters (not ``nn.Linear`` children) so Opacus can attach one grad sampler to the module.
 
-    The kernel has no bias input: the down bias is folded in exactly by appending a ones column
-    to ``x`` and the bias as an extra column of ``A`` (one (M, dim+1) copy of the input); the up
-    bias is added outside the kernel. Dropout (departure from AdaptFormer, which drops after the
-    ReLU) is applied to the input, because the kernel fuses ReLU and the up projection.
+    Both biases are kernel inputs (``down_bias`` is added to ``x A^T`` in the shrink epilogue,
+    ``up_bias`` in the expand epilogue): no ones column, no copy of ``x``. Dropout (departure
+    from AdaptFormer, which drops after the ReLU) is applied to the input, because the kernel
+    fuses ReLU and the up projection.
 
     Args:
         dim: input and output width.
@@ -62,9 +62,6 @@ class BottleneckAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the adapter output (..., dim); the caller adds it to the residual."""
         x = F.dropout(x, self.dropout, self.training).to(self.adapter_down_weight.dtype)
-        ones = x.new_ones(*x.shape[:-1], 1)
-        x_aug = torch.cat([x, ones], dim=-1)  # (..., dim + 1)
-        A = torch.cat([self.adapter_down_weight, self.adapter_down_bias[:, None]], dim=1)
-        y = rank_sparse_lora(x_aug, A, self.adapter_up_weight, scaling=self.scale,
-                             activation="relu", backend=self.backend)
-        return y + self.scale * self.adapter_up_bias
+        return rank_sparse_lora(x, self.adapter_down_weight, self.adapter_up_weight, scaling=self.scale,
+                                activation="relu", backend=self.backend,
+                                down_bias=self.adapter_down_bias, up_bias=self.adapter_up_bias)

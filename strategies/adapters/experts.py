@@ -80,7 +80,7 @@ class RankExpertLoRA(nn.Module):
         return x.to(A.dtype) @ A.t()
 
     def forward(self, x: torch.Tensor, topk_indices: torch.Tensor | None = None,
-                topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+                topk_weights: torch.Tensor | None = None, pre: torch.Tensor | None = None) -> torch.Tensor:
         """``base(x)`` plus the gated delta.
 
         Args:
@@ -88,17 +88,24 @@ class RankExpertLoRA(nn.Module):
             topk_indices: (..., k) active experts per token; if ``None``, ``self.gate`` is used
                 (gate object or callable), else all experts with weight 1.
             topk_weights: (..., k) weights of the selected experts (``None`` = 1).
+            pre: optional (..., R) ``x A^T`` the caller already computed (MoRA's scores input,
+                :meth:`scores_input`); the kernel then skips its shrink GEMM.
         """
-        y = self.base_layer(x)
+        base = self.base_layer
         if self.merged or not len(self.more_A):
-            return y
+            return base(x)
         if topk_indices is not None:
             gate = TopKGate(topk_indices, topk_weights)
         else:
             gate = resolve_gate(self.gate, x)
         A, B = self.stacked()
-        d = rank_sparse_lora(x.to(A.dtype), A, B, scaling=self.scaling, gate=gate, backend=self.backend)
-        return y + d.to(y.dtype)
+        if x.dtype != A.dtype or base.weight.dtype != A.dtype:
+            y = base(x)
+            d = rank_sparse_lora(x.to(A.dtype), A, B, scaling=self.scaling, gate=gate,
+                                 backend=self.backend, pre=pre)
+            return y + d.to(y.dtype)
+        return rank_sparse_lora(x, A, B, scaling=self.scaling, gate=gate, backend=self.backend, pre=pre,
+                                base_weight=base.weight, base_bias=base.bias)
 
     def delta_weight(self) -> torch.Tensor:
         """Static delta (out, in) with all experts active."""

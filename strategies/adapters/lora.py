@@ -12,7 +12,7 @@ import zlib
 import torch
 from torch import nn
 
-from adaptsim.kernels import AdapterGate, DenseGate, TopKGate, rank_sparse_lora
+from adaptsim.kernels import AdapterGate, DenseGate, TopKGate, lora_linear, rank_sparse_lora
 
 __all__ = ["LoRALinear", "init_down_", "inject_lora", "resolve_gate"]
 
@@ -115,15 +115,29 @@ class LoRALinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns ``base(x) + delta``; x is (..., in)."""
-        y = self.base_layer(x)
+        """Returns ``base(x) + delta``; x is (..., in).
+
+        On the Triton path the delta is accumulated in place into the base GEMM's output (and
+        its ``dx``), and the slices of a fused qkv share one shrink launch (``gate=None``).
+        """
         gate = resolve_gate(self.gate, x)
         self.last_gate = gate
+        base = self.base_layer
         if self.merged:
             if gate is not None:
                 raise RuntimeError("LoRALinear is merged: unmerge() before setting a gate")
-            return y
-        return y + self.adapter_delta(x, gate).to(y.dtype)
+            return base(x)
+        pairs = self.pairs()
+        A0 = pairs[0][0]
+        if x.dtype != A0.dtype or base.weight.dtype != A0.dtype or (self.sliced and gate is not None):
+            y = base(x)
+            return y + self.adapter_delta(x, gate).to(y.dtype)
+        if not self.sliced:
+            return rank_sparse_lora(x, A0, pairs[0][1], scaling=self.scaling, gate=gate,
+                                    backend=self.backend, base_weight=base.weight, base_bias=base.bias)
+        A = torch.cat([a for a, _, _ in pairs], 0)  # (S * rank, in): one shrink for all slices
+        return lora_linear(x, base.weight, base.bias, A, [b for _, b, _ in pairs], scaling=self.scaling,
+                           backend=self.backend, out_slices=[s for _, _, s in pairs])
 
     def delta_weight(self) -> torch.Tensor:
         """Static weight delta (out, in) = scaling * B A, zero outside the output slices."""
