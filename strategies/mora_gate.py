@@ -187,7 +187,7 @@ class MoRALinear(nn.Module):
         if self.compute == "gated":
             J = route.indices.shape[-1]
             return ex(x, topk_indices=route.indices.reshape(*lead, J),
-                      topk_weights=route.weights.reshape(*lead, J))
+                      topk_weights=route.weights.reshape(*lead, J), pre=h.reshape(*lead, R))
         _, B = ex.stacked()
         dense = torch.zeros_like(h, dtype=route.weights.dtype).scatter(1, route.indices, route.weights)
         d = (h * dense.to(h.dtype)) @ B.t() * ex.scaling  # (M, out)
