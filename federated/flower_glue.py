@@ -32,6 +32,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from adaptsim.cl.rundir import dumps_json, loads_json
+
 __all__ = ["ENGINE_KEYS", "launch_run_config", "route_logs_to_flower", "arrays_to_record", "record_to_arrays", "experiment_to_run_config",
            "experiment_from_run_config", "state_get", "state_put", "write_rounds", "read_rounds",
            "ROUNDS_FILE"]
@@ -171,7 +173,7 @@ def state_put(context: Any, state: Mapping[str, Any]) -> None:
 def write_rounds(run_dir: Path, rounds: list[dict], initial: Mapping[str, Any]) -> Path:
     """Writes ``run_dir/flower_rounds.json``: ``{"initial": eval before round 1, "rounds": [...]}``."""
     path = Path(run_dir) / ROUNDS_FILE
-    path.write_text(json.dumps({"initial": dict(initial), "rounds": rounds}, indent=1))  # inf -> Infinity
+    path.write_text(dumps_json({"initial": dict(initial), "rounds": rounds}))
     return path
 
 
@@ -181,5 +183,5 @@ def read_rounds(run_dir: Path, with_initial: bool = False) -> Any:
     Raises:
         FileNotFoundError: if the ServerApp did not finish writing them.
     """
-    data = json.loads((Path(run_dir) / ROUNDS_FILE).read_text())
+    data = loads_json((Path(run_dir) / ROUNDS_FILE).read_text())
     return (data["rounds"], data["initial"]) if with_initial else data["rounds"]

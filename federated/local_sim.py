@@ -13,7 +13,6 @@ if at least ``min_replies`` replies arrived.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from adaptsim.cl.rundir import dumps_json, loads_json
 from adaptsim.federated.aggregation import fedavg
 from adaptsim.federated.comm import RoundTraffic
 from adaptsim.federated.config import FedExperimentConfig
@@ -89,7 +89,7 @@ def save_checkpoint(run_dir: Path, round_no: int, global_arrays: dict[str, np.nd
     np.savez(ck / f"round_{round_no:03d}.npz", **global_arrays)
     payload = {"round": round_no, "client_states": client_states, "rounds": rounds}
     path = ck / f"round_{round_no:03d}.json"
-    path.write_text(json.dumps(_json_safe(payload)))
+    path.write_text(dumps_json(payload, indent=None))
     return path
 
 
@@ -104,29 +104,8 @@ def load_checkpoint(run_dir: Path, round_no: int) -> tuple[dict[str, np.ndarray]
     ck = Path(run_dir) / "checkpoints"
     with np.load(ck / f"round_{round_no:03d}.npz") as z:
         arrays = {k: z[k] for k in z.files}
-    payload = json.loads((ck / f"round_{round_no:03d}.json").read_text())
-    return arrays, payload["client_states"], _json_restore(payload["rounds"])
-
-
-def _json_safe(obj):
-    """inf/nan -> strings (JSON has no such numbers); restored by :func:`_json_restore`."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _json_restore(obj):
-    if obj in ("inf", "-inf", "nan"):
-        return float(obj)
-    if isinstance(obj, dict):
-        return {k: _json_restore(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_restore(v) for v in obj]
-    return obj
+    payload = loads_json((ck / f"round_{round_no:03d}.json").read_text())
+    return arrays, payload["client_states"], payload["rounds"]
 
 
 def run_inprocess(cfg: FedExperimentConfig, run_dir: Path | None = None, *, resume: bool = False,
