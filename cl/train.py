@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import numpy as np
@@ -78,7 +78,12 @@ class Phase:
         optimizer: ``sgd`` (momentum), ``adam`` or ``adamw``.
         momentum: SGD momentum.
         weight_decay: weight decay.
-        schedule: ``cosine`` (to ``min_lr`` over all steps) or ``constant``.
+        schedule: ``cosine`` (to ``min_lr``) or ``constant``.
+        schedule_unit: how often the cosine schedule steps: ``step`` (every optimiser step, over
+            all ``epochs * len(loader)`` steps) or ``epoch`` (once per epoch, as the official
+            PILOT/MOS/SEMA code does with ``torch.optim.lr_scheduler.CosineAnnealingLR(opt,
+            T_max=epochs, eta_min=min_lr)``: epoch ``e`` trains at ``min_lr + (lr - min_lr) *
+            (1 + cos(pi * e / epochs)) / 2``).
         min_lr: final learning rate of the cosine schedule.
         after_backward: called after ``loss.backward()``, before the step (gradient masks).
         after_step: called after each optimiser step (e.g. MOS's adapter merge).
@@ -96,11 +101,17 @@ class Phase:
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"
+    schedule_unit: Literal["step", "epoch"] = "step"
     min_lr: float = 0.0
     after_backward: Callable[[], None] | None = None
     after_step: Callable[[], None] | None = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"phase {self.name!r}: schedule must be cosine or constant, got {self.schedule!r}")
+        if self.schedule_unit not in ("step", "epoch"):
+            raise ValueError(f"phase {self.name!r}: schedule_unit must be step or epoch, got {self.schedule_unit!r}")
 
 
 FitFn = Callable[[Phase], dict]
@@ -137,12 +148,15 @@ def fit(phase: Phase, *, device: torch.device | str = "cpu", progress: bool = Fa
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=phase.name, leave=False, dynamic_ncols=True)
+    per_epoch = phase.schedule == "cosine" and phase.schedule_unit == "epoch"
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs, eta_min=phase.min_lr)
+             if per_epoch else None)
     epoch_loss = float("nan")
     for _ in range(phase.epochs):
         losses = []
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if phase.schedule == "cosine":
+            if phase.schedule == "cosine" and not per_epoch:
                 frac = 0.5 * (1 + math.cos(math.pi * step / total))
                 for g, lr0 in zip(opt.param_groups, base_lrs):
                     g["lr"] = phase.min_lr + (lr0 - phase.min_lr) * frac
@@ -162,6 +176,8 @@ def fit(phase: Phase, *, device: torch.device | str = "cpu", progress: bool = Fa
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         epoch_loss = float(np.mean(losses))
+        if sched is not None:
+            sched.step()
     if bar is not None:
         bar.close()
     return {"loss": epoch_loss, "steps": step, "seconds": time.perf_counter() - start}
