@@ -1,6 +1,9 @@
 """Benchmark of the rank-sparse LoRA kernel against the base GEMM, PEFT LoRA, the masked
 reference and a loop over adapters.
 
+The four issue-#12 targets are measured by ``bench/gpu_targets.py`` (run by
+``bench/gpu_check.sh``); this script prints the wider grid.
+
 GPU (default): ``python bench/bench_rank_sparse_lora.py`` -- M=8192, K=N in {768, 4096},
 R in {16, 64}, active fraction in {1/8, 1/2, 1}, bf16, fwd and fwd+bwd, timed with
 ``triton.testing.do_bench``; multi-adapter: 10 adapters, random adapter id per sample.
@@ -41,10 +44,15 @@ def _peft_layer(base: torch.nn.Linear, r: int):
 
 
 def _step(fn, params, bwd: bool):
+    """fwd, or fwd + bwd driven by a fixed supplied grad-output (not ``y.sum()``)."""
+    gy = {}
+
     def run():
         y = fn()
         if bwd:
-            torch.autograd.grad(y.float().sum(), params)
+            if "g" not in gy:
+                gy["g"] = torch.randn_like(y)
+            torch.autograd.grad(y, params, gy["g"])
     return run
 
 
@@ -63,8 +71,8 @@ def bench_lora(M, K, R, frac, *, device, dtype, quick, time_ms) -> list[dict]:
         "masked_ref": (lambda: base(xg) + rank_sparse_lora_ref(xg, A, B, gate=gate), [xg, A, B]),
     }
     if device == "cuda":
-        paths["kernel"] = (lambda: base(xg) + rank_sparse_lora(xg, A, B, gate=gate, backend="triton"),
-                           [xg, A, B])
+        paths["kernel"] = (lambda: rank_sparse_lora(xg, A, B, gate=gate, backend="triton",
+                                                    base_weight=base.weight), [xg, A, B])
     peft = None if quick else _peft_layer(base, R)
     if peft is not None and frac == 1:
         pp = [xg, peft.lora_A["default"].weight, peft.lora_B["default"].weight]
@@ -84,7 +92,7 @@ def bench_multi(M, K, r, n_adapters, n_samples, *, device, dtype, time_ms) -> li
     B = torch.randn(K, n_adapters * r, device=device, dtype=dtype, generator=g).requires_grad_()
     ids = torch.randint(0, n_adapters, (n_samples,), device=device, generator=g)
     tok_ids = ids.repeat_interleave(M // n_samples)
-    gate = AdapterGate(tok_ids, r)
+    gate = AdapterGate(ids, r, tokens_per_id=M // n_samples)  # one SGMV segment per sample
 
     def loop():
         y = torch.zeros(M, K, device=device, dtype=dtype)
