@@ -20,12 +20,19 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-
 from adaptsim.cl.config import ConfigError
 from adaptsim.cl.report_plots import accuracy_matrix_png, band_png, curve_mean_std, epsilon_png
 from adaptsim.cl.rundir import FINISHED, RunDir, is_run_dir, loads_json
-from adaptsim.cl.study.aggregate import (DASH, aggregate_study, format_value, groups_of, is_current, load_cells,
-                                         metric_info, write_text_atomic)
+from adaptsim.cl.study.aggregate import (
+    DASH,
+    aggregate_study,
+    format_value,
+    groups_of,
+    is_current,
+    load_cells,
+    metric_info,
+    write_text_atomic,
+)
 
 __all__ = ["write_report", "write_run_report", "write_study_report", "REPORT_FILE"]
 
@@ -38,9 +45,11 @@ h1{font-size:26px;margin:0 0 4px} h2{font-size:20px;margin:32px 0 8px;border-bot
  padding-bottom:4px} h3{font-size:16px;margin:18px 0 6px} .meta{color:#5a6478;font-size:13px}
 table{border-collapse:collapse;margin:8px 0 4px;font-size:13px}
 th,td{border:1px solid #d5dbe6;padding:4px 8px;text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-.scroll{overflow-x:auto}
-th{background:#eef2f8} td:first-child,th:first-child{text-align:left} tr:nth-child(even) td{background:#f8fafc}
-td.err,th.err{text-align:left;color:#9b1c1c;white-space:normal;min-width:320px} .note{font-size:13px;color:#5a6478;margin:2px 0 10px}
+.scroll{overflow-x:auto} td.wrap{white-space:normal;min-width:70px} .nw{white-space:nowrap}
+th{background:#eef2f8;white-space:normal;vertical-align:bottom}
+td:first-child,th:first-child{text-align:left} tr:nth-child(even) td{background:#f8fafc}
+td.err,th.err{text-align:left;color:#9b1c1c;white-space:normal;min-width:320px}
+.note{font-size:13px;color:#5a6478;margin:2px 0 10px}
 .figs{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0;border:1px solid #e3e8f0;padding:6px;background:#fff}
 figcaption{font-size:12px;color:#5a6478;text-align:center} img{display:block;max-width:100%}
 details{margin:4px 0} summary{cursor:pointer;font-size:14px}
@@ -68,8 +77,13 @@ def _img(png: bytes, caption: str) -> str:
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: Sequence[str] = ()) -> str:
     head = "".join(f'<th class="{cls[i]}">{_e(h)}</th>' if i < len(cls) and cls[i] else f"<th>{_e(h)}</th>"
                    for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td class="{cls[i]}">{_e(c)}</td>' if i < len(cls) and cls[i]
-                                    else f"<td>{_e(c)}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
+    def td(i: int, c: str) -> str:
+        if " [" in c:  # "diff [lo, hi]": may break before the interval, never inside it
+            d, ci = c.split(" [", 1)
+            return f'<td class="wrap"><span class="nw">{_e(d)}</span> <span class="nw">[{_e(ci)}</span></td>'
+        return f'<td class="{cls[i]}">{_e(c)}</td>' if i < len(cls) and cls[i] else f"<td>{_e(c)}</td>"
+
+    body = "".join("<tr>" + "".join(td(i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
@@ -82,6 +96,10 @@ def _config_block(label: str, path: Path) -> str:
 def _eps_of_round(r: Mapping[str, Any]) -> float:
     vals = [float(v) for v in (r.get("epsilon") or {}).values() if isinstance(v, (int, float))]
     return max(vals) if vals else math.nan
+
+
+def _over(n: int) -> str:
+    return f"mean ± std over {n} seeds" if n > 1 else "one run"
 
 
 def _sd(std: np.ndarray, n: int) -> np.ndarray | None:
@@ -103,8 +121,9 @@ def _continual_figs(label: str, ms: list[dict[str, Any]]) -> list[str]:
         mean, std = curve_mean_std(curves)
         band = " ± std" if len(curves) > 1 else ""
         out.append(_img(band_png([(label, range(1, len(mean) + 1), mean, _sd(std, len(curves)))],
-                                 xlabel="experience t", ylabel="A_t, accuracy on seen (%)", title=f"{label}: A_t{band}"),
-                        f"{label}: A_t (mean{band} over {len(curves)} seed{'s' * (len(curves) > 1)})"))
+                                 xlabel="experience t", ylabel="A_t, accuracy on seen (%)",
+                                 title=f"{label}: A_t{band}"),
+                        f"{label}: A_t ({_over(len(curves))})"))
     return out
 
 
@@ -117,7 +136,7 @@ def _federated_figs(label: str, ms: list[dict[str, Any]]) -> list[str]:
     band = " ± std" if n > 1 else ""
     mean, std = curve_mean_std([[r.get("accuracy") for r in rs] for rs in rounds])
     out = [_img(band_png([(label, x, mean, _sd(std, n))], xlabel="round", ylabel="global test accuracy (%)",
-                         title=f"{label}: accuracy per round{band}"), f"{label}: accuracy vs round (mean{band}, n={n})")]
+                         title=f"{label}: accuracy per round{band}"), f"{label}: accuracy vs round ({_over(n)})")]
     eps = {f"seed {i}" if n > 1 else label: ([_eps_of_round(r) for r in rs], [r.get("accuracy") for r in rs])
            for i, rs in enumerate(rounds)}
     out.append(_img(epsilon_png(eps, f"{label}: accuracy vs ε"), f"{label}: accuracy vs ε spent, per round"))
@@ -127,8 +146,9 @@ def _federated_figs(label: str, ms: list[dict[str, Any]]) -> list[str]:
         series.append((key.replace("_", " "), x, m, _sd(s, n)))
     peak = max((np.nanmax(s[2]) for s in series if np.isfinite(s[2]).any()), default=0.0)
     unit, scale = ("MB", 1e-6) if peak >= 1e5 else ("kB", 1e-3)
-    out.append(_img(band_png(series, xlabel="round", ylabel=f"{unit} per round", scale=scale, ylim=None,
-                             title=f"{label}: bytes per round{band}"), f"{label}: bytes up/down per round ({unit})"))
+    out.append(_img(band_png(series, xlabel="round", ylabel=f"{unit} per round", scale=scale, ylim=(0, None),
+                             title=f"{label}: bytes per round{band}"),
+                    f"{label}: bytes up/down per round, {unit} ({_over(n)})"))
     return out
 
 
@@ -142,7 +162,7 @@ def _unlearning_figs(label: str, ms: list[dict[str, Any]]) -> list[str]:
         m, s = curve_mean_std([[r.get(key) for r in rs] for rs in rows])
         series.append((metric_info(key)["label"], x, m, _sd(s, n)))
     return [_img(band_png(series, xlabel="requests processed", ylabel="accuracy (%)", title=f"{label}: unlearning"),
-                 f"{label}: forgotten and retained accuracy per request (mean{' ± std' * (n > 1)}, n={n})")]
+                 f"{label}: forgotten and retained accuracy per request ({_over(n)})")]
 
 
 def _figures(label: str, ms: list[dict[str, Any]]) -> list[str]:

@@ -71,14 +71,14 @@ def accuracy_matrix_png(R: np.ndarray, title: str) -> bytes:
 
 
 def band_png(series: Sequence[Series], *, xlabel: str, ylabel: str, title: str = "",
-             scale: float = 100.0, ylim: tuple[float, float] | None = (0, 100)) -> bytes:
+             scale: float = 100.0, ylim: tuple[float | None, float | None] | None = (0, 100)) -> bytes:
     """Mean curves with a shaded ±std band (where the std is finite).
 
     Args:
         series: ``(label, x, mean, std)`` per curve, values in raw units.
         xlabel, ylabel, title: axis labels and title.
         scale: multiplies every value (100 for accuracies in %).
-        ylim: y range, or None for matplotlib's choice.
+        ylim: y range (``None`` in it leaves that end to matplotlib), or None for matplotlib's choice.
     """
     fig, ax = _figure()
     for label, x, mean, std in series:
@@ -94,7 +94,7 @@ def band_png(series: Sequence[Series], *, xlabel: str, ylabel: str, title: str =
     ax.set_ylabel(ylabel)
     _integer_x(ax)
     if ylim is not None:
-        ax.set_ylim(*ylim)
+        ax.set_ylim(bottom=ylim[0], top=ylim[1])
     ax.grid(alpha=0.3)
     if any(label for label, *_ in series):
         ax.legend(fontsize=8)
@@ -113,7 +113,7 @@ def epsilon_png(series: Mapping[str, tuple[Sequence[float | None], Sequence[floa
     fig, ax = _figure()
     drawn = 0
     for label, (eps, acc) in series.items():
-        pts = [(e, a) for e, a in zip(eps, acc) if e is not None and math.isfinite(e) and a is not None]
+        pts = [(e, a) for e, a in zip(eps, acc, strict=False) if e is not None and math.isfinite(e) and a is not None]
         if pts:
             ax.plot([e for e, _ in pts], [100 * a for _, a in pts], marker="o", markersize=3, label=label)
             drawn += 1

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from adaptsim.cl.config import ConfigError
 from adaptsim.cl.rundir import RunDir, dumps_json, loads_json
 from adaptsim.cl.study.aggregate import aggregate_study, format_value, mean_std, paired_diff_ci
@@ -167,7 +166,8 @@ def test_aggregate_continual_study(tmp_path):
     assert vb["metrics"]["A_last"]["display"].startswith(f"{100 * np.mean(dd):+.2f} [")
     assert rows["lwf"][1][diff_header.index("A_last (pp)")].endswith("[—]")
     # failed and unfinished cells are listed, with the error from cells.json on one line
-    assert "## Failed cells" in table and "| ewc-s2 | ewc | 2 | 1 | RuntimeError: out of memory \\| at step 3 second line |" in table
+    assert "## Failed cells" in table
+    assert "| ewc-s2 | ewc | 2 | 1 | RuntimeError: out of memory \\| at step 3 second line |" in table
     assert "lwf-s1 (pending)" in table
 
     # study.csv: one row per group, raw numbers

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-
 from adaptsim.cl.config import ConfigError
 from adaptsim.cl.rundir import FINISHED, RunDir, RunDirError, dumps_json, loads_json
 
@@ -173,7 +172,8 @@ def load_cells(study_dir: str | Path) -> tuple[dict[str, Any], list[Cell]]:
     for c in doc.get("cells", []):
         cell = Cell(name=c["name"], group=c.get("group") or c["name"], seed=c.get("seed"),
                     status=c.get("status", "pending"), run_dir=study_dir / c.get("run_dir", f"cells/{c['name']}"),
-                    error=c.get("error"), attempts=int(c.get("attempts") or 0), overrides=dict(c.get("overrides") or {}))
+                    error=c.get("error"), attempts=int(c.get("attempts") or 0),
+                    overrides=dict(c.get("overrides") or {}))
         if cell.status == FINISHED:
             try:
                 rd = RunDir.open(cell.run_dir)
@@ -375,5 +375,6 @@ def is_current(study_dir: str | Path) -> bool:
     if not out.is_file():
         return False
     t = out.stat().st_mtime
-    inputs = [study_dir / "cells.json", *study_dir.glob("cells/*/status.json"), *study_dir.glob("cells/*/metrics.json")]
+    inputs = [study_dir / "cells.json", *study_dir.glob("cells/*/status.json"),
+              *study_dir.glob("cells/*/metrics.json")]
     return all(p.stat().st_mtime <= t for p in inputs if p.is_file())
