@@ -201,7 +201,9 @@ def _study_tables(res: Mapping[str, Any]) -> list[str]:
     infos = [res["metrics"][k] for k in res["metric_keys"]]
     base = res["baseline_group"]
     out = ['<p class="note">Mean ± sample std (ddof=1) over the finished seeds of each group; n = finished cells. '
-           "Accuracies in %, bytes in MB (10⁶ B), times in s.</p>",
+           "Accuracies in %, bytes in MB (10⁶ B), times in s."
+           + (_e(f" No cell reports {', '.join(res['missing_metrics'])}.") if res.get("missing_metrics") else "")
+           + "</p>",
            _table(["group", "n", *[i["header"] for i in infos]],
                   ([g["group"] + (" (baseline)" if g["group"] == base else ""), str(g["n"]),
                     *[g["metrics"][i["key"]]["display"] if i["key"] in g["metrics"] else DASH for i in infos]]

@@ -197,3 +197,17 @@ def test_aggregate_federated_units(tmp_path):
 def test_not_a_study_folder(tmp_path):
     with pytest.raises(ConfigError, match="not a study folder"):
         aggregate_study(tmp_path)
+
+
+def test_study_metrics_pick_the_table_columns(tmp_path):
+    d = make_study(tmp_path, {"a": {0: continual_metrics(0.5), 1: continual_metrics(0.6)},
+                              "b": {0: continual_metrics(0.7), 1: continual_metrics(0.8)}}, baseline="a")
+    (d / "study.yaml").write_text("study:\n  name: demo\n  metrics: [forgetting, A_last, mtil_last]\n")
+    res = aggregate_study(d)
+    assert res["metric_keys"] == ["forgetting", "A_last"] and res["missing_metrics"] == ["mtil_last"]
+    assert "bwt" in res["all_metric_keys"] and "bwt" in res["groups"][0]["metrics"]  # kept in json/csv
+    rows = md_rows(res["table"])
+    assert rows["group"][0] == ["n", "forgetting (%)", "A_last (%)"]
+    assert rows["group"][1] == ["n pairs", "forgetting (pp)", "A_last (pp)"]
+    assert "No cell reports mtil_last." in res["table"]
+    assert "bwt_mean" in (d / "study.csv").read_text().splitlines()[0]

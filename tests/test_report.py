@@ -130,10 +130,12 @@ def test_study_report_holds_study_json(tmp_path):
     for g in res["groups"]:
         row = means[g["group"] + (" (baseline)" if g["group"] == "finetune" else "")]
         assert row["n"] == str(g["n"])
-        for key, m in g["metrics"].items():
-            assert row[res["metrics"][key]["header"]] == m["display"]
+        assert len(row) == 2 + len(res["metric_keys"])
+        for key in res["metric_keys"]:
+            assert row[res["metrics"][key]["header"]] == g["metrics"][key]["display"]
         if g["vs_baseline"]:
-            for key, m in g["vs_baseline"]["metrics"].items():
+            for key in res["metric_keys"]:
+                m = g["vs_baseline"]["metrics"][key]
                 assert diffs[g["group"]][res["metrics"][key]["diff_header"]] == m["display"]
     assert means["finetune (baseline)"]["A_last (%)"] == "65.00 ± 5.00"  # A_last = a + 0.1 over a = .5, .55, .6
     failed = table_by_header(page, "cell", "group")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from adaptsim.cl.config import ConfigError
+from adaptsim.cl.config import ConfigError, read_yaml
 from adaptsim.cl.rundir import FINISHED, RunDir, RunDirError, dumps_json, loads_json
 
 __all__ = ["aggregate_study", "load_cells", "groups_of", "is_current", "metric_info", "mean_std", "paired_diff_ci",
@@ -208,6 +208,14 @@ def _metric_keys(cells: Sequence[Cell]) -> list[str]:
     return [k for k in METRICS if k in present] + sorted(present - set(METRICS))
 
 
+def _wanted_metrics(study_dir: Path) -> list[str]:
+    """``study.metrics`` of ``study.yaml`` (the table's columns), [] when absent."""
+    f = study_dir / "study.yaml"
+    study = read_yaml(f, allow_empty=True).get("study") if f.is_file() else None
+    wanted = study.get("metrics") if isinstance(study, Mapping) else None
+    return [str(k) for k in wanted] if isinstance(wanted, list) else []
+
+
 def metric_info(key: str) -> dict[str, Any]:
     """``{"key", "label", "unit", "header"}`` of a summary key (unknown keys: unit-less)."""
     label, unit = METRICS.get(key, (key, ""))
@@ -262,7 +270,8 @@ def _markdown(res: dict[str, Any]) -> str:
     base = res["baseline_group"]
     lines = [f"# Study {res['study']}", "",
              "Mean ± sample std (ddof=1) over the finished seeds of each group; n = finished cells. "
-             "Accuracies in %, bytes in MB (10⁶ B), times in s.", "",
+             "Accuracies in %, bytes in MB (10⁶ B), times in s."
+             + (f" No cell reports {', '.join(res['missing_metrics'])}." if res["missing_metrics"] else ""), "",
              "| group | n | " + " | ".join(i["header"] for i in infos) + " |",
              "|---|---:|" + "---:|" * len(infos)]
     for g in res["groups"]:
@@ -296,7 +305,7 @@ def _csv(res: dict[str, Any]) -> str:
     import csv
     import io
 
-    keys, has_base = res["metric_keys"], res["baseline_group"] is not None
+    keys, has_base = res["all_metric_keys"], res["baseline_group"] is not None
     header = ["group", "kind", "n", "seeds"]
     for k in keys:
         header += [f"{k}_mean", f"{k}_std"] + ([f"{k}_diff", f"{k}_ci_low", f"{k}_ci_high"] if has_base else [])
@@ -323,14 +332,17 @@ def aggregate_study(study_dir: str | Path) -> dict[str, Any]:
     """Aggregate a study folder and write ``study.json``, ``study.csv`` and ``study.md`` into it.
 
     ``study.json`` (the project's JSON encoding, NaN → null) holds ``study``, ``baseline_group``,
-    ``metric_keys``, ``metrics`` (label and unit per key), ``groups`` (per group: ``n``,
+    ``metric_keys`` (the table's columns: ``study.metrics`` of ``study.yaml`` where given, else
+    every metric some cell reports), ``all_metric_keys``, ``missing_metrics`` (asked for, reported by no
+    cell), ``metrics`` (label and unit per key), ``groups`` (per group: ``n``,
     ``seeds``, ``cells``, shared ``overrides``, ``metrics[key] = {mean, std, n, values,
     display}`` in raw units (fractions, bytes, seconds) and ``vs_baseline = {n_pairs, seeds,
     metrics[key] = {mean_diff, ci_low, ci_high, n_pairs, display}}``, None for the baseline),
     ``failed`` and ``unfinished`` cells. ``display`` is the string the table shows: the raw
     number through :func:`format_value` (×100 with 2 decimals for accuracies, MB with 3
-    decimals, seconds with 2, counts with 0, else 3). ``study.csv`` has one row per group with
-    the raw numbers (``<key>_mean``, ``_std``, ``_diff``, ``_ci_low``, ``_ci_high``).
+    decimals, seconds with 2, counts with 0, else 3); groups hold every metric, the table shows
+    ``metric_keys``. ``study.csv`` has one row per group with every metric's raw numbers
+    (``<key>_mean``, ``_std``, ``_diff``, ``_ci_low``, ``_ci_high``).
 
     Args:
         study_dir: the study folder (with ``cells.json``).
@@ -344,6 +356,7 @@ def aggregate_study(study_dir: str | Path) -> dict[str, Any]:
     study_dir = Path(study_dir)
     doc, cells = load_cells(study_dir)
     keys = _metric_keys(cells)
+    wanted = _wanted_metrics(study_dir)
     by_group = groups_of(cells)
     base = doc.get("baseline_group")
     groups = []
@@ -355,7 +368,9 @@ def aggregate_study(study_dir: str | Path) -> dict[str, Any]:
     res: dict[str, Any] = {
         "study": doc.get("study") or study_dir.name, "baseline_group": base,
         "std": "sample standard deviation (ddof=1)", "ci": "paired t, 95 % CI, n pairs (group − baseline)",
-        "metric_keys": keys, "metrics": {k: metric_info(k) for k in keys}, "groups": groups,
+        "metric_keys": [k for k in wanted if k in keys] if wanted else keys, "all_metric_keys": keys,
+        "missing_metrics": [k for k in wanted if k not in keys],
+        "metrics": {k: metric_info(k) for k in keys}, "groups": groups,
         "failed": [{"name": c.name, "group": c.group, "seed": c.seed, "attempts": c.attempts, "error": c.error}
                    for c in cells if c.status == "failed"],
         "unfinished": [{"name": c.name, "group": c.group, "seed": c.seed, "status": c.status}
