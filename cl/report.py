@@ -47,10 +47,12 @@ table{border-collapse:collapse;margin:8px 0 4px;font-size:13px}
 th,td{border:1px solid #d5dbe6;padding:4px 8px;text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .scroll{overflow-x:auto} td.wrap{white-space:normal;min-width:70px} .nw{white-space:nowrap}
 th{background:#eef2f8;white-space:normal;vertical-align:bottom}
-td:first-child,th:first-child{text-align:left} tr:nth-child(even) td{background:#f8fafc}
+td:first-child,th:first-child{text-align:left;white-space:normal;overflow-wrap:anywhere;min-width:110px;
+ max-width:260px} tr:nth-child(even) td{background:#f8fafc}
 td.err,th.err{text-align:left;color:#9b1c1c;white-space:normal;min-width:320px}
 .note{font-size:13px;color:#5a6478;margin:2px 0 10px}
-.figs{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0;border:1px solid #e3e8f0;padding:6px;background:#fff}
+.figs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
+figure{margin:0;border:1px solid #e3e8f0;padding:6px;background:#fff;max-width:560px}
 figcaption{font-size:12px;color:#5a6478;text-align:center} img{display:block;max-width:100%}
 details{margin:4px 0} summary{cursor:pointer;font-size:14px}
 pre{background:#f5f7fa;border:1px solid #e3e8f0;padding:8px;font-size:12px;overflow-x:auto;max-height:420px}
@@ -120,7 +122,7 @@ def _continual_figs(label: str, ms: list[dict[str, Any]]) -> list[str]:
     if curves:
         mean, std = curve_mean_std(curves)
         band = " ± std" if len(curves) > 1 else ""
-        out.append(_img(band_png([(label, range(1, len(mean) + 1), mean, _sd(std, len(curves)))],
+        out.append(_img(band_png([("", range(1, len(mean) + 1), mean, _sd(std, len(curves)))],  # the title names it
                                  xlabel="experience t", ylabel="A_t, accuracy on seen (%)",
                                  title=f"{label}: A_t{band}"),
                         f"{label}: A_t ({_over(len(curves))})"))
@@ -135,9 +137,9 @@ def _federated_figs(label: str, ms: list[dict[str, Any]]) -> list[str]:
     n = len(rounds)
     band = " ± std" if n > 1 else ""
     mean, std = curve_mean_std([[r.get("accuracy") for r in rs] for rs in rounds])
-    out = [_img(band_png([(label, x, mean, _sd(std, n))], xlabel="round", ylabel="global test accuracy (%)",
+    out = [_img(band_png([("", x, mean, _sd(std, n))], xlabel="round", ylabel="global test accuracy (%)",
                          title=f"{label}: accuracy per round{band}"), f"{label}: accuracy vs round ({_over(n)})")]
-    eps = {f"seed {i}" if n > 1 else label: ([_eps_of_round(r) for r in rs], [r.get("accuracy") for r in rs])
+    eps = {f"seed {i}" if n > 1 else "": ([_eps_of_round(r) for r in rs], [r.get("accuracy") for r in rs])
            for i, rs in enumerate(rounds)}
     out.append(_img(epsilon_png(eps, f"{label}: accuracy vs ε"), f"{label}: accuracy vs ε spent, per round"))
     series = []

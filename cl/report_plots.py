@@ -30,7 +30,7 @@ def _figure(width: float = 5.2, height: float = 3.4):
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")  # keeps a legend below the axes
     return buf.getvalue()
 
 
@@ -38,6 +38,16 @@ def _integer_x(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend(ax, labels: Sequence[str]) -> None:
+    """In the axes for short labels; below them for long ones (study group names can be long)."""
+    if not any(labels):
+        return
+    if max(len(s) for s in labels) > 24:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    else:
+        ax.legend(fontsize=8)
 
 
 def curve_mean_std(curves: Sequence[Sequence[float | None]]) -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +106,7 @@ def band_png(series: Sequence[Series], *, xlabel: str, ylabel: str, title: str =
     if ylim is not None:
         ax.set_ylim(bottom=ylim[0], top=ylim[1])
     ax.grid(alpha=0.3)
-    if any(label for label, *_ in series):
-        ax.legend(fontsize=8)
+    _legend(ax, [label for label, *_ in series])
     if title:
         ax.set_title(title, fontsize=10)
     return _png(fig)
@@ -124,7 +133,7 @@ def epsilon_png(series: Mapping[str, tuple[Sequence[float | None], Sequence[floa
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     if drawn:
-        ax.legend(fontsize=8)
+        _legend(ax, list(series))
     if title:
         ax.set_title(title, fontsize=10)
     return _png(fig)

@@ -384,12 +384,12 @@ def aggregate_study(study_dir: str | Path) -> dict[str, Any]:
 
 
 def is_current(study_dir: str | Path) -> bool:
-    """Whether ``study.json`` is newer than ``cells.json`` and every cell's status and metrics."""
+    """Whether ``study.json`` is newer than ``study.yaml``, ``cells.json`` and every cell's status and metrics."""
     study_dir = Path(study_dir)
     out = study_dir / "study.json"
     if not out.is_file():
         return False
     t = out.stat().st_mtime
-    inputs = [study_dir / "cells.json", *study_dir.glob("cells/*/status.json"),
+    inputs = [study_dir / "cells.json", study_dir / "study.yaml", *study_dir.glob("cells/*/status.json"),
               *study_dir.glob("cells/*/metrics.json")]
     return all(p.stat().st_mtime <= t for p in inputs if p.is_file())
