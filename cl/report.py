@@ -76,13 +76,13 @@ def _img(png: bytes, caption: str) -> str:
     return f'<figure><img src="{src}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: Sequence[str] = ()) -> str:
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: Sequence[str] = (), ci: bool = False) -> str:
     head = "".join(f'<th class="{cls[i]}">{_e(h)}</th>' if i < len(cls) and cls[i] else f"<th>{_e(h)}</th>"
                    for i, h in enumerate(header))
     def td(i: int, c: str) -> str:
-        if " [" in c:  # "diff [lo, hi]": may break before the interval, never inside it
-            d, ci = c.split(" [", 1)
-            return f'<td class="wrap"><span class="nw">{_e(d)}</span> <span class="nw">[{_e(ci)}</span></td>'
+        if ci and " [" in c:  # "diff [lo, hi]": may break before the interval, never inside it
+            d, interval = c.split(" [", 1)
+            return f'<td class="wrap"><span class="nw">{_e(d)}</span> <span class="nw">[{_e(interval)}</span></td>'
         return f'<td class="{cls[i]}">{_e(c)}</td>' if i < len(cls) and cls[i] else f"<td>{_e(c)}</td>"
 
     body = "".join("<tr>" + "".join(td(i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
@@ -218,7 +218,7 @@ def _study_tables(res: Mapping[str, Any]) -> list[str]:
                 _table(["group", "n pairs", *[i["diff_header"] for i in infos]],
                        ([g["group"], str(g["vs_baseline"]["n_pairs"]),
                          *[g["vs_baseline"]["metrics"][i["key"]]["display"] if i["key"] in g["vs_baseline"]["metrics"]
-                           else DASH for i in infos]] for g in others))]
+                           else DASH for i in infos]] for g in others), ci=True)]
     if res["failed"]:
         out += ["<h3>Failed cells</h3>",
                 _table(["cell", "group", "seed", "attempts", "error"],
