@@ -17,6 +17,7 @@ from .rank_sparse_lora import (
     resolve_backend,
 )
 from .reference import ACTIVATIONS, rank_sparse_lora_ref
+from .shrink import lora_shrink
 
 __all__ = [
     "ACTIVATIONS",
@@ -31,6 +32,7 @@ __all__ = [
     "forced_tiles",
     "gate_to_dense",
     "lora_linear",
+    "lora_shrink",
     "lower_gate",
     "rank_sparse_lora",
     "rank_sparse_lora_ref",

@@ -250,8 +250,10 @@ def _apply(x, A, Bs, *, scaling, activation, gate, down_bias, up_bias, pre, base
     x2 = _flat2(x)
     m, r = x2.shape[0], A.shape[0]
     pre2 = None if pre is None else _flat2(pre)
-    if pre2 is not None and pre2.shape != (m, r):
-        raise ValueError(f"pre must be (..., R={r}) with the leading dims of x, got {tuple(pre.shape)}")
+    r_pre = gate.rank_per_adapter if isinstance(gate, AdapterGate) and pre is not None and pre.shape[-1] != r else r
+    if pre2 is not None and pre2.shape != (m, r_pre):
+        raise ValueError(f"pre must be (..., R={r}) (or (..., r) with an AdapterGate) with the "
+                         f"leading dims of x, got {tuple(pre.shape)}")
     if (isinstance(gate, TopKGate) and pre is None and down_bias is None and up_bias is None
             and base_w is None and cols is None and use_gathered(r, gate.indices.shape[-1])):
         idx, wt = lower_gate(gate, m, r, x2.device)
@@ -294,8 +296,10 @@ def rank_sparse_lora(
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
         down_bias: optional (R,) bias of the down projection (a kernel input).
         up_bias: optional (N,) bias of the up projection.
-        pre: optional (..., R) ``x A^T`` already computed by the caller; the shrink GEMM is then
-            skipped and the gradient of ``A``/``x`` flows through ``pre``'s own graph.
+        pre: optional (..., R) ``x A^T`` already computed by the caller (with an
+            :class:`AdapterGate` also (..., r): each token's own adapter block, as
+            :func:`~.shrink.lora_shrink` returns); the shrink GEMM is then skipped and the
+            gradient of ``A``/``x`` flows through ``pre``'s own graph.
         base_weight: optional (N, K) frozen base weight: the result is then
             ``x W^T + base_bias + delta``, the delta accumulated in place into the base GEMM's
             output (and ``dpre A`` into the base ``dx``). A base that requires grad is computed

@@ -36,7 +36,8 @@ def rank_sparse_lora_ref(
         upcast: compute in fp32 and round the result once to ``x.dtype``.
         down_bias: optional (R,) bias added to ``x A^T``.
         up_bias: optional (N,) bias added before scaling.
-        pre: optional (..., R) precomputed ``x A^T`` (then ``A`` is not used).
+        pre: optional (..., R) precomputed ``x A^T`` (then ``A`` is not used); with an
+            ``AdapterGate`` also (..., r), each token's own adapter block.
 
     Returns:
         (..., N) adapter delta (the base layer output is not included).
@@ -54,7 +55,13 @@ def rank_sparse_lora_ref(
         x2, A, B = x2.float(), A.float(), B.float()
     m, r = x2.shape[0], A.shape[0]
     g = gate_to_dense(gate, m, r, x2.device, x2.dtype)  # (M, R), zero on inactive ranks
-    h = x2 @ A.t() if pre is None else pre.reshape(m, r).to(x2.dtype)  # (M, R)
+    if pre is None:
+        h = x2 @ A.t()  # (M, R)
+    elif pre.shape[-1] != r:  # per-token adapter block (M, r) of an AdapterGate: place it
+        h = pre.reshape(m, 1, -1).to(x2.dtype) * (g.reshape(m, r // pre.shape[-1], -1) != 0)
+        h = h.reshape(m, r)
+    else:
+        h = pre.reshape(m, r).to(x2.dtype)
     if down_bias is not None:
         h = h + down_bias.to(h.dtype)
     if activation == "relu":

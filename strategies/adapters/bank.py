@@ -12,7 +12,9 @@ import math
 import torch
 from torch import nn
 
-from adaptsim.kernels import AdapterGate, DenseGate, rank_sparse_lora
+from adaptsim.kernels import AdapterGate, DenseGate
+
+from .params import DownParams, UpParams
 
 __all__ = ["AdapterBank"]
 
@@ -43,17 +45,17 @@ class AdapterBank(nn.Module):
             raise ValueError(f"activation must be 'identity' or 'relu', got {activation!r}")
         self.dim_in, self.dim_out, self.rank = dim_in, dim_out, int(rank)
         self.activation, self.scale, self.prefix = activation, float(scale), prefix
-        self.add_module(f"{prefix}A", nn.ParameterDict())
-        self.add_module(f"{prefix}B", nn.ParameterDict())
+        self.add_module(f"{prefix}A", DownParams())  # called for the shrink (Opacus hooks it)
+        self.add_module(f"{prefix}B", UpParams())  # called for the gated expand
         self.register_buffer("_anchor", torch.empty(0), persistent=False)  # tracks device/dtype
         self.backend = "auto"
 
     @property
-    def _A(self) -> nn.ParameterDict:
+    def _A(self) -> DownParams:
         return getattr(self, f"{self.prefix}A")
 
     @property
-    def _B(self) -> nn.ParameterDict:
+    def _B(self) -> UpParams:
         return getattr(self, f"{self.prefix}B")
 
     @property
@@ -132,5 +134,6 @@ class AdapterBank(nn.Module):
         else:
             gate = None if scale is None else DenseGate(
                 scale.repeat_interleave(per)[:, None].expand(nb * per, A.shape[0]))
-        return rank_sparse_lora(x, A, B, scaling=self.scale, activation=self.activation,
-                                gate=gate, backend=self.backend)
+        pre = self._A(x, gate=gate, backend=self.backend)  # (..., R), or (..., rank) with ids
+        return self._B(x, pre, A=A, scaling=self.scale, activation=self.activation, gate=gate,
+                       backend=self.backend)

@@ -13,6 +13,7 @@ from torch import nn
 from adaptsim.kernels import TopKGate, rank_sparse_lora
 
 from .lora import init_down_, resolve_gate
+from .params import DownParams, UpParams
 
 __all__ = ["RankExpertLoRA"]
 
@@ -38,8 +39,8 @@ class RankExpertLoRA(nn.Module):
             raise TypeError(f"RankExpertLoRA wraps an nn.Linear, got {type(base).__name__}")
         self.base_layer = base.requires_grad_(False)
         self.scaling, self.seed = float(scaling), seed
-        self.more_A = nn.ParameterDict()
-        self.more_B = nn.ParameterDict()
+        self.more_A = DownParams()  # called for x A^T (scores and shrink; Opacus hooks it)
+        self.more_B = UpParams()  # called for the gated expand into the base output
         self.gate = None
         self.backend = "auto"
         self.merged = False
@@ -76,8 +77,7 @@ class RankExpertLoRA(nn.Module):
 
     def scores_input(self, x: torch.Tensor) -> torch.Tensor:
         """Returns ``x A^T`` (..., R) for all experts (the self-activation routing scores' input)."""
-        A, _ = self.stacked()
-        return x.to(A.dtype) @ A.t()
+        return self.more_A(x.to(self.more_A.stacked().dtype))
 
     def forward(self, x: torch.Tensor, topk_indices: torch.Tensor | None = None,
                 topk_weights: torch.Tensor | None = None, pre: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,8 +88,9 @@ class RankExpertLoRA(nn.Module):
             topk_indices: (..., k) active experts per token; if ``None``, ``self.gate`` is used
                 (gate object or callable), else all experts with weight 1.
             topk_weights: (..., k) weights of the selected experts (``None`` = 1).
-            pre: optional (..., R) ``x A^T`` the caller already computed (MoRA's scores input,
-                :meth:`scores_input`); the kernel then skips its shrink GEMM.
+            pre: optional (..., R) ``x A^T`` the caller already computed with
+                :meth:`scores_input` (MoRA's scores input); the shrink is not run again. Under
+                Opacus it must come from :meth:`scores_input` (which calls ``more_A``).
         """
         base = self.base_layer
         if self.merged or not len(self.more_A):
@@ -98,14 +99,11 @@ class RankExpertLoRA(nn.Module):
             gate = TopKGate(topk_indices, topk_weights)
         else:
             gate = resolve_gate(self.gate, x)
-        A, B = self.stacked()
-        if x.dtype != A.dtype or base.weight.dtype != A.dtype:
-            y = base(x)
-            d = rank_sparse_lora(x.to(A.dtype), A, B, scaling=self.scaling, gate=gate,
-                                 backend=self.backend, pre=pre)
-            return y + d.to(y.dtype)
-        return rank_sparse_lora(x, A, B, scaling=self.scaling, gate=gate, backend=self.backend, pre=pre,
-                                base_weight=base.weight, base_bias=base.bias)
+        A = self.more_A.stacked()
+        if pre is None:
+            pre = self.more_A(x.to(A.dtype))  # (..., R) shrink by cuBLAS, hooked by Opacus
+        return self.more_B(x, pre, A=A, scaling=self.scaling, gate=gate, backend=self.backend,
+                           base=base, op=rank_sparse_lora)
 
     def delta_weight(self) -> torch.Tensor:
         """Static delta (out, in) with all experts active."""

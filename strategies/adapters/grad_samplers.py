@@ -10,8 +10,17 @@ type. For ``y = base(x) + s * ((phi(x A^T + b) * G) B^T)`` the per-sample gradie
 computed with batched einsums on the dense (masked) gate. The forward still runs through the
 kernel; the gate used is the one of the module's last forward (``layer.last_gate``), so the gate
 must not change between forward and backward. :func:`register` is called on import of
-``adaptsim.strategies.adapters`` and does nothing if Opacus is missing. ``AdapterBank`` and
-``RankExpertLoRA`` keep their parameters in ``ParameterDict`` children and are not supported.
+``adaptsim.strategies.adapters`` and does nothing if Opacus is missing.
+
+``AdapterBank`` and ``RankExpertLoRA`` (hence MoRA's layers, and the banks inside the SEMA and MOS
+layers) keep their parameters in two containers, :class:`~.params.DownParams` (called for
+``pre = x A^T``) and :class:`~.params.UpParams` (called for the gated expand). Their samplers:
+
+    grad_A_e[b] = sum_t g_pre[b,t, e-slice]^T x[b,t]          (g_pre: gradient of pre, all paths)
+    grad_B_e[b] = s * sum_t g[b,t]^T (phi(pre) * G)[b,t, e-slice]
+
+where ``e`` is one entry (one adapter of the bank, one expert group); with an ``AdapterGate``
+the rows of samples using another adapter are masked out.
 """
 
 from __future__ import annotations
@@ -19,12 +28,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaptsim.kernels import gate_to_dense
+from adaptsim.kernels import AdapterGate, gate_to_dense
+from adaptsim.kernels.gates import adapter_ids_flat
 
 from .bottleneck import BottleneckAdapter
 from .lora import LoRALinear
+from .params import DownParams, UpParams
 
-__all__ = ["bottleneck_grad_sample", "lora_linear_grad_sample", "register"]
+__all__ = ["bottleneck_grad_sample", "down_params_grad_sample", "lora_linear_grad_sample", "register",
+           "up_params_grad_sample"]
 
 
 def _btd(t: torch.Tensor) -> torch.Tensor:
@@ -72,6 +84,69 @@ def bottleneck_grad_sample(layer: BottleneckAdapter, activations: list[torch.Ten
     return {p: v for p, v in grads.items() if p.requires_grad}
 
 
+def _token_ids(gate: AdapterGate, nb: int, nt: int) -> torch.Tensor:
+    """(B, T) adapter id of every token of an ``AdapterGate``."""
+    ids = adapter_ids_flat(gate, nb * nt)
+    return ids.repeat_interleave(int(gate.tokens_per_id)).view(nb, nt)
+
+
+def _entries(layer: nn.ParameterDict, dim: int) -> list[tuple[nn.Parameter, int, int]]:
+    """``[(param, start, stop)]``: each entry's slice of the stacked rank axis."""
+    out, off = [], 0
+    for p in layer.values():
+        n = p.shape[dim]
+        out.append((p, off, off + n))
+        off += n
+    return out
+
+
+def down_params_grad_sample(layer: DownParams, activations: list[torch.Tensor],
+                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of the trainable down projections of a :class:`DownParams`."""
+    x = _btd(activations[0])  # (B, T, in)
+    gp = _btd(backprops).to(x.dtype)  # (B, T, R) or (B, T, r) with an AdapterGate
+    gate = layer.last_gate
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    ids = _token_ids(gate, *x.shape[:2]) if isinstance(gate, AdapterGate) else None
+    for a, (p, start, stop) in enumerate(_entries(layer, 0)):
+        if not p.requires_grad:
+            continue
+        if ids is None:
+            g = gp[..., start:stop]
+        else:
+            g = gp * (ids == a).to(gp.dtype)[..., None]  # rows of adapter a only
+        out[p] = torch.einsum("btr,btk->brk", g, x.to(p.dtype) if x.dtype != p.dtype else x)
+    return out
+
+
+def up_params_grad_sample(layer: UpParams, activations: list[torch.Tensor],
+                          backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of the trainable up projections of a :class:`UpParams`."""
+    call = layer.last_call
+    pre = _btd(activations[1])
+    g = _btd(backprops).to(pre.dtype)  # (B, T, out)
+    nb, nt = pre.shape[:2]
+    gate = call["gate"]
+    h = torch.relu(pre) if call["activation"] == "relu" else pre
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if isinstance(gate, AdapterGate):
+        ids = _token_ids(gate, nb, nt)
+        if gate.scale is not None:
+            sc = gate.scale.reshape(-1).repeat_interleave(int(gate.tokens_per_id)).view(nb, nt)
+            h = h * sc[..., None].to(h.dtype)
+        for a, (p, _, _) in enumerate(_entries(layer, 1)):
+            if p.requires_grad:
+                hw = h * (ids == a).to(h.dtype)[..., None]
+                out[p] = call["scaling"] * torch.einsum("btn,btr->bnr", g, hw)
+        return out
+    G = gate_to_dense(gate, nb * nt, pre.shape[-1], pre.device, pre.dtype).view(nb, nt, -1)
+    hw = call["scaling"] * h * G  # (B, T, R)
+    for p, start, stop in _entries(layer, 1):
+        if p.requires_grad:
+            out[p] = torch.einsum("btn,btr->bnr", g, hw[..., start:stop])
+    return out
+
+
 def register() -> bool:
     """Registers the grad samplers with Opacus; returns False if Opacus is not installed."""
     try:
@@ -80,4 +155,6 @@ def register() -> bool:
         return False
     register_grad_sampler(LoRALinear)(lora_linear_grad_sample)
     register_grad_sampler(BottleneckAdapter)(bottleneck_grad_sample)
+    register_grad_sampler(DownParams)(down_params_grad_sample)
+    register_grad_sampler(UpParams)(up_params_grad_sample)
     return True
