@@ -44,20 +44,26 @@ ACCOUNTANTS = ("rdp", "prv")
 
 @dataclass(frozen=True)
 class DPConfig:
-    """Sample-level DP-SGD inside each client (Opacus).
+    """Sample-level DP-SGD inside each client (Opacus), private against the server by default.
 
     Attributes:
         epsilon: target epsilon over all of a client's local steps of all rounds; ``None`` or
             ``.inf`` = no DP (plain SGD, no clipping, no noise).
-        delta: target delta.
+        delta: target delta; must be below ``1 / n_k`` for every client (checked).
         max_grad_norm: per-example clipping norm C.
         accountant: Opacus accountant, ``"rdp"`` or ``"prv"``.
+        reproducible: ``False`` (default): the Gaussian noise and the Poisson sampling come from
+            generators seeded per client and round from OS entropy (``secrets``), never sent or
+            logged, so the server cannot know them. ``True``: both are seeded from
+            ``federated.seed``, the client id and the round (tests, debugging); such a run is
+            **not private** and every summary says ``"not private (reproducible noise)"``.
     """
 
     epsilon: float | None = None
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    reproducible: bool = False
 
     def __post_init__(self) -> None:
         if self.epsilon is not None and not self.epsilon > 0:
@@ -68,6 +74,8 @@ class DPConfig:
             raise ValueError(f"dp.max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"dp.accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if not isinstance(self.reproducible, bool):
+            raise ValueError(f"dp.reproducible must be true or false, got {self.reproducible!r}")
 
     @property
     def enabled(self) -> bool:

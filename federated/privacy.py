@@ -17,21 +17,44 @@ Decisions:
   the client state and restored into a fresh Opacus accountant before the next round.
 - Budget: before training, the client checks whether one more round would take it past the
   target epsilon; if so it does not train and reports ``budget_spent = 1``.
+- Secret randomness (``dp.reproducible: false``, the default): the Gaussian noise and the
+  Poisson sampling use ``torch.Generator``s seeded per client and round from OS entropy
+  (``secrets.randbits``), never sent or logged (:func:`dp_generators`). This is secret, so the
+  server cannot subtract the noise, but it is *not* a CSPRNG (torch's CPU generator is
+  MT19937) and has no floating-point-attack mitigation; Opacus' ``secure_mode`` needs
+  ``torchcsprng``, which does not install on Python 3.11 / torch 2.13 (docs/methods/ffa_lora.md).
+- The accountant history lives on the client's node (:class:`NodeDPStore`, one JSON file per
+  run and partition, written atomically) and is restored from there after a restart; the
+  client restores whichever of the node's copy and the Flower/in-process client state has
+  spent more (:func:`longer_history`). The server keeps every reported epsilon as an audit
+  trail (:func:`mirror_epsilon`: the max of what it had and what it is told).
+- delta must be below ``1 / n_k`` for every client (:func:`check_delta`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
+import re
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from adaptsim.cl.config import ConfigError
 from adaptsim.federated.config import DPConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DPPlan", "plan_dp", "make_accountant", "flatten_history", "unflatten_history",
-           "epsilon_of", "would_exceed", "BUDGET_TOLERANCE"]
+           "epsilon_of", "would_exceed", "BUDGET_TOLERANCE", "NOT_PRIVATE", "privacy_label",
+           "dp_generators", "check_delta", "NodeDPStore", "longer_history", "mirror_epsilon"]
+
+#: What every summary of a ``dp.reproducible: true`` run says about its epsilon.
+NOT_PRIVATE = "not private (reproducible noise)"
 
 # get_noise_multiplier stops within epsilon_tolerance=0.01 *below* the target; this slack only
 # absorbs float noise in the comparison.
@@ -135,3 +158,95 @@ def would_exceed(history: list[tuple[float, float, int]], plan: DPPlan, dp: DPCo
     """Whether one more round (``plan.steps_per_round`` steps) would pass the target epsilon."""
     nxt = list(history) + [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
     return epsilon_of(nxt, dp) > dp.epsilon * (1 + BUDGET_TOLERANCE)
+
+
+def privacy_label(dp: DPConfig) -> str:
+    """How to read the epsilon of a run with ``dp``: ``"no DP"``, :data:`NOT_PRIVATE` (seeded
+    noise) or ``"sample-level DP-SGD (secret noise)"``."""
+    if not dp.enabled:
+        return "no DP"
+    return NOT_PRIVATE if dp.reproducible else "sample-level DP-SGD (secret noise)"
+
+
+def dp_generators(dp: DPConfig, seed: int, device: Any = "cpu") -> tuple[Any, Any]:
+    """``(sampler generator, noise generator)`` of one client round.
+
+    Args:
+        dp: ``dp.reproducible`` picks seeded (``seed``, ``seed + 1``) or secret generators.
+        seed: the round's seed (used only when reproducible).
+        device: device of the noise generator (the sampler's is always CPU).
+
+    Returns:
+        Two ``torch.Generator``s. Secret ones are seeded from ``secrets.randbits(63)``; the seed
+        is not stored, logged or returned.
+    """
+    import torch
+
+    if dp.reproducible:
+        return torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed + 1)
+    return (torch.Generator().manual_seed(secrets.randbits(63)),
+            torch.Generator(device=device).manual_seed(secrets.randbits(63)))
+
+
+def check_delta(delta: float, n_examples: int, client_id: int | str) -> None:
+    """Raises unless ``delta < 1 / n_examples`` (a larger delta allows releasing one record).
+
+    Raises:
+        ConfigError: naming the client and its size.
+    """
+    if n_examples >= 1 and not delta * n_examples < 1:
+        raise ConfigError(f"federated.dp.delta={delta:g} must be < 1/n_k for every client: client {client_id} "
+                          f"has n_k={n_examples} examples (1/n_k={1 / n_examples:.3g}); lower dp.delta")
+
+
+def longer_history(a: list[tuple[float, float, int]], b: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """The history that took more private steps (the node's copy and the client state should
+    agree; after a lost state or a stale file the larger one is the conservative choice)."""
+    return list(a) if sum(n for *_, n in a) >= sum(n for *_, n in b) else list(b)
+
+
+def mirror_epsilon(previous: float | None, reported: float) -> float:
+    """The server's audit value of a client's epsilon: never below what it saw before."""
+    return float(reported) if previous is None or math.isnan(previous) else max(float(previous), float(reported))
+
+
+class NodeDPStore:
+    """A client's DP accountant state on its own node: one JSON file per run name and partition.
+
+    ``<state_dir>/dp_<run>_p<partition>.json`` holding ``{"run", "partition", "noise_multiplier",
+    "dp_history"}``. In process the state dir is ``RUN_DIR/nodes/<partition>``; on a SuperNode the
+    node config's ``state-dir`` (default ``$FLWR_HOME/adaptsim_dp_state``).
+
+    Args:
+        state_dir: the node's state directory (created on first save).
+        run_name: the study/run this accountant belongs to (the run folder name).
+        partition: the client's partition id.
+    """
+
+    def __init__(self, state_dir: str | Path, run_name: str, partition: int) -> None:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_name or "run")
+        self.run_name, self.partition = run_name, int(partition)
+        self.path = Path(state_dir) / f"dp_{safe}_p{int(partition)}.json"
+
+    def load(self) -> dict[str, Any]:
+        """``{"noise_multiplier", "dp_history"}`` as saved, or ``{}`` when there is no file yet.
+
+        Raises:
+            ValueError: if the file belongs to another run or partition.
+        """
+        if not self.path.exists():
+            return {}
+        data = json.loads(self.path.read_text())
+        if data.get("run") != self.run_name or int(data.get("partition", -1)) != self.partition:
+            raise ValueError(f"{self.path} holds run {data.get('run')!r} partition {data.get('partition')}, "
+                             f"not run {self.run_name!r} partition {self.partition}")
+        return {k: data[k] for k in ("noise_multiplier", "dp_history") if k in data}
+
+    def save(self, noise_multiplier: float, history: list[tuple[float, float, int]]) -> None:
+        """Writes the state atomically (temp file + ``os.replace``)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"run": self.run_name, "partition": self.partition,
+                                   "noise_multiplier": float(noise_multiplier),
+                                   "dp_history": flatten_history(history)}))
+        os.replace(tmp, self.path)

@@ -57,16 +57,32 @@ def _finite_max(values) -> float:
     return max(vals) if vals else math.nan
 
 
-def summarize_rounds(rounds: list[dict]) -> dict[str, Any]:
-    """Final/best accuracy, max client epsilon, total bytes and seconds over the rounds."""
+def summarize_rounds(rounds: list[dict], dp: Any = None) -> dict[str, Any]:
+    """Final/best accuracy, max client epsilon, total bytes and seconds over the rounds.
+
+    ``max_epsilon`` is the largest epsilon any client reported in any round (the server's audit
+    trail: a client that lost its accountant cannot lower it). ``privacy`` says how to read it
+    (:func:`adaptsim.federated.privacy.privacy_label` of ``dp``, else the rounds' own ``privacy``
+    key): ``"not private (reproducible noise)"`` for ``dp.reproducible`` runs.
+    """
     if not rounds:
         return {}
     last = rounds[-1]
-    return {"final_accuracy": last["accuracy"], "best_accuracy": max(r["accuracy"] for r in rounds),
-            "final_loss": last["loss"], "max_epsilon": _finite_max(last["epsilon"].values()),
-            "bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": sum(r["bytes_down"] for r in rounds),
-            "seconds": sum(r["seconds"] for r in rounds), "rounds": len(rounds),
-            "failures": sum(r.get("failures", 0) for r in rounds)}
+    out = {"final_accuracy": last["accuracy"], "best_accuracy": max(r["accuracy"] for r in rounds),
+           "final_loss": last["loss"], "max_epsilon": _finite_max(e for r in rounds for e in r["epsilon"].values()),
+           "bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": sum(r["bytes_down"] for r in rounds),
+           "seconds": sum(r["seconds"] for r in rounds), "rounds": len(rounds),
+           "failures": sum(r.get("failures", 0) for r in rounds)}
+    if dp is not None:
+        from adaptsim.federated.privacy import privacy_label
+
+        out["privacy"] = privacy_label(dp)
+    elif any("privacy" in r for r in rounds):
+        from adaptsim.federated.privacy import NOT_PRIVATE
+
+        labels = {r["privacy"] for r in rounds if "privacy" in r}
+        out["privacy"] = NOT_PRIVATE if NOT_PRIVATE in labels else sorted(labels)[0]
+    return out
 
 
 def plot_accuracy_vs_epsilon(series: Mapping[str, tuple[list[float], list[float]]], path: Path,

@@ -7,7 +7,8 @@ https://arxiv.org/abs/2403.12313.
   caches one model per process and model-relevant config (Flower rebuilds ClientApps per call).
 - :func:`trainable_arrays`: what a client sends (``lora``: A, B, head; ``ffa_lora``: B, head).
 - :func:`client_fit`: one client round of local SGD or DP-SGD (Opacus), with the client's DP
-  accountant carried in a plain ``client_state`` dict across rounds.
+  accountant carried in a plain ``client_state`` dict across rounds and, when a
+  :class:`~adaptsim.federated.privacy.NodeDPStore` is given, in a file on the client's node.
 - :func:`evaluate`: accuracy and loss of given arrays on a test set.
 
 Departure from ``adaptsim.cl.train.fit`` (otherwise the only optimiser loop): DP-SGD needs
@@ -34,7 +35,8 @@ from adaptsim.cl.data import ImageTensorDataset, load_dataset
 from adaptsim.federated.config import FedExperimentConfig
 from adaptsim.federated.model import FedLoRAModel
 from adaptsim.federated.partition import partition_indices
-from adaptsim.federated.privacy import (epsilon_of, flatten_history, make_accountant, plan_dp,
+from adaptsim.federated.privacy import (NodeDPStore, check_delta, dp_generators, epsilon_of, flatten_history,
+                                        longer_history, make_accountant, plan_dp, privacy_label,
                                         unflatten_history, would_exceed)
 
 log = logging.getLogger(__name__)
@@ -180,17 +182,48 @@ def prefix_tokens(model: FedLoRAModel, ds: ImageTensorDataset, batch_size: int =
     return _PREFIX[key]
 
 
-def _local_train(model: FedLoRAModel, data: TensorDataset, cfg: FedExperimentConfig, seed: int,
-                 plan, history: list) -> tuple[float, int, list]:
-    """Local epochs of SGD (``plan is None``) or DP-SGD; returns (mean loss, steps, history)."""
-    fed, dev = cfg.federated, next(model.parameters()).device
+def _trainable_groups(model: FedLoRAModel, fed) -> list[dict]:
+    """The optimiser's parameter groups: every trainable LoRA parameter, and the head."""
     lora = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
-    groups = [{"params": lora, "lr": fed.lr},
-              {"params": list(model.head.parameters()), "lr": fed.head_lr or fed.lr}]
-    opt = torch.optim.SGD(groups, lr=fed.lr, momentum=fed.momentum)
-    loader = DataLoader(data, batch_size=fed.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    module, engine = model, None
+    return [{"params": lora, "lr": fed.lr}, {"params": list(model.head.parameters()), "lr": fed.head_lr or fed.lr}]
+
+
+def _step(module: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor) -> float | None:
+    """One optimiser step; returns the loss (``None`` for an empty Poisson batch).
+
+    An empty batch (only under DP's Poisson sampling) still steps, as the analysed mechanism
+    does: the DP optimiser adds its Gaussian noise to a zero clipped sum and its accountant
+    counts the step. Its per-example gradients are set to empty tensors (``p.grad_sample``,
+    Opacus' per-sample-gradient attribute) instead of a forward pass on zero examples.
+    """
+    opt.zero_grad(set_to_none=True)
+    if len(yb) == 0:
+        for p in opt.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+        opt.step()
+        return None
+    loss = F.cross_entropy(module(xb), yb)             # xb (B, T, D) prefix tokens
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"client loss became {loss.item()}")
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def _local_train(model: FedLoRAModel, data: TensorDataset, cfg: FedExperimentConfig, seed: int,
+                 plan, history: list) -> tuple[float, int, list, list[str]]:
+    """Local epochs of SGD (``plan is None``) or DP-SGD.
+
+    Returns:
+        ``(mean loss, steps, history, names of the parameters Opacus clipped and noised)``.
+    """
+    fed, dev = cfg.federated, next(model.parameters()).device
+    opt = torch.optim.SGD(_trainable_groups(model, fed), lr=fed.lr, momentum=fed.momentum)
+    sampler_gen, noise_gen = (dp_generators(fed.dp, seed, dev) if plan is not None
+                              else (torch.Generator().manual_seed(seed), None))
+    # Opacus' DPDataLoader draws its Poisson batches from this loader's generator
+    loader = DataLoader(data, batch_size=fed.batch_size, shuffle=True, generator=sampler_gen)
+    module, engine, noised = model, None, []
     model.train()  # Opacus validates training mode; the backbone itself stays in eval()
     if plan is not None:
         from opacus import PrivacyEngine
@@ -200,36 +233,30 @@ def _local_train(model: FedLoRAModel, data: TensorDataset, cfg: FedExperimentCon
         module, opt, loader = engine.make_private(
             module=model, optimizer=opt, data_loader=loader, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=fed.dp.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
-            noise_generator=torch.Generator(device=dev).manual_seed(seed + 1))
+            noise_generator=noise_gen)
         assert abs(loader.sample_rate - plan.sample_rate) < 1e-12, "Opacus sample rate differs from plan"
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        noised = sorted(name_of[id(p)] for p in opt.params)  # what DPOptimizer clips and noises
     losses, steps = [], 0
     try:
         for _ in range(fed.local_epochs):
             for xb, yb in loader:
-                if len(xb) == 0:  # an empty Poisson batch still counts as a private step
-                    engine.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-                    steps += 1
-                    continue
-                xb, yb = xb.to(dev), yb.to(dev)
-                loss = F.cross_entropy(module(xb), yb)  # xb (B, T, D) prefix tokens
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"client loss became {loss.item()} at step {steps}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+                loss = _step(module, opt, xb.to(dev), yb.to(dev))
+                if loss is not None:
+                    losses.append(loss)
                 steps += 1
     finally:
         if engine is not None:
             history = list(engine.accountant.history)
             module._close()  # remove Opacus hooks: the cached model is reused next round
         model.eval()
-    return (float(np.mean(losses)) if losses else float("nan")), steps, history
+    return (float(np.mean(losses)) if losses else float("nan")), steps, history, noised
 
 
 def client_fit(model: FedLoRAModel, arrays_in: dict[str, np.ndarray], train_ds: ImageTensorDataset,
                cfg: FedExperimentConfig, client_state: dict | None, *, client_id: int = 0,
-               round_idx: int | None = None) -> tuple[dict[str, np.ndarray], int, dict, dict]:
+               round_idx: int | None = None,
+               node_store: NodeDPStore | None = None) -> tuple[dict[str, np.ndarray], int, dict, dict]:
     """One client round: load the global arrays, train locally, return what the client sends.
 
     Args:
@@ -239,13 +266,21 @@ def client_fit(model: FedLoRAModel, arrays_in: dict[str, np.ndarray], train_ds: 
         cfg: the experiment.
         client_state: what this function returned last round for this client (``None`` first).
             Plain numbers and float lists: ``rounds_done``, ``noise_multiplier``, ``dp_history``.
-        client_id: seeds the batch order and DP noise.
+        client_id: seeds the batch order (and, with ``dp.reproducible``, the DP noise).
         round_idx: seeds the batch order (default: ``client_state["rounds_done"]``).
+        node_store: the DP state file on this client's node: the accountant is restored from
+            it (or from ``client_state``, whichever spent more) and saved to it after training.
 
     Returns:
         ``(arrays_out, num_examples, metrics, new_client_state)``. ``metrics``: ``loss``,
-        ``epsilon`` (inf without DP), ``budget_spent`` (0/1), ``steps``, ``seconds``. A client
-        whose budget is spent does not train and returns ``num_examples = 0``.
+        ``epsilon`` (inf without DP), ``budget_spent`` (0/1), ``steps``, ``seconds``,
+        ``privacy`` (:func:`~adaptsim.federated.privacy.privacy_label`) and ``dp_params`` (the
+        parameters Opacus clipped and noised: exactly the sent ones). A client whose budget is
+        spent does not train and returns ``num_examples = 0``.
+
+    Raises:
+        adaptsim.cl.config.ConfigError: if ``dp.delta >= 1 / len(train_ds)``.
+        RuntimeError: if DP noised a parameter set other than the one sent.
     """
     fed = cfg.federated
     state = dict(client_state or {})
@@ -256,26 +291,37 @@ def client_fit(model: FedLoRAModel, arrays_in: dict[str, np.ndarray], train_ds: 
     load_arrays(model, arrays_in)
     n = len(train_ds)
     plan, history = None, unflatten_history(state.get("dp_history"))
+    base = {"privacy": privacy_label(fed.dp), "dp_params": []}
     if fed.dp.enabled:
+        check_delta(fed.dp.delta, n, client_id)
+        node = node_store.load() if node_store is not None else {}
+        history = longer_history(history, unflatten_history(node.get("dp_history")))
         plan = plan_dp(n, fed.batch_size, fed.local_epochs, fed.rounds, fed.dp)
-        if "noise_multiplier" in state:  # sigma is fixed in the client's first round
-            plan = dataclasses.replace(plan, noise_multiplier=float(state["noise_multiplier"]))
-        state["noise_multiplier"] = plan.noise_multiplier
+        sigma = state.get("noise_multiplier", node.get("noise_multiplier"))
+        if sigma is not None:  # sigma is fixed in the client's first round
+            plan = dataclasses.replace(plan, noise_multiplier=float(sigma))
+        state.update(noise_multiplier=plan.noise_multiplier, dp_history=flatten_history(history))
         if would_exceed(history, plan, fed.dp):
             eps = epsilon_of(history, fed.dp)
             log.info("client %d: privacy budget spent (epsilon %.3f of %.3f); not training",
                      client_id, eps, fed.dp.epsilon)
             metrics = {"loss": float("nan"), "epsilon": eps, "budget_spent": 1, "steps": 0,
-                       "seconds": time.perf_counter() - start}
+                       "seconds": time.perf_counter() - start, **base}
             return dict(arrays_in), 0, metrics, state
     tokens = prefix_tokens(model, train_ds, fed.eval_batch_size)
     data = TensorDataset(tokens, train_ds.y)
-    loss, steps, history = _local_train(model, data, cfg, seed, plan, history)
+    loss, steps, history, noised = _local_train(model, data, cfg, seed, plan, history)
+    out = trainable_arrays(model, fed.method)
+    if plan is not None:
+        if noised != sorted(out):
+            raise RuntimeError(f"client {client_id}: DP noised {noised} but would send {sorted(out)}")
+        if node_store is not None:
+            node_store.save(plan.noise_multiplier, history)
     eps = epsilon_of(history, fed.dp) if plan is not None else math.inf
     state.update(rounds_done=rounds_done + 1, dp_history=flatten_history(history))
     metrics = {"loss": loss, "epsilon": eps, "budget_spent": 0, "steps": steps,
-               "seconds": time.perf_counter() - start}
-    return trainable_arrays(model, fed.method), n, metrics, state
+               "seconds": time.perf_counter() - start, **base, "dp_params": noised}
+    return out, n, metrics, state
 
 
 @torch.no_grad()
