@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +19,7 @@ def _plt():
 
 def plot_accuracy_matrix(R: np.ndarray, path: str | Path, title: str = "") -> None:
     """Heat-map of R[t, k] (rows: after training on t; columns: test experience k)."""
-    plt = _plt()
+    plt = pyplot()
     R = np.asarray(R, dtype=float)
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * R.shape[1], 1.0 + 0.6 * R.shape[0]))
     im = ax.imshow(R * 100, vmin=0, vmax=100, cmap="viridis")
@@ -43,7 +44,7 @@ def plot_curve(y: list[float] | np.ndarray, path: str | Path, *, xlabel: str = "
                ylabel: str = "accuracy on seen classes A_t (%)", title: str = "",
                x: list[float] | None = None, label: str | None = None) -> None:
     """A simple line plot (accuracy curve, accuracy vs round, ...)."""
-    plt = _plt()
+    plt = pyplot()
     y = 100 * np.asarray(y, dtype=float)
     x = list(range(1, len(y) + 1)) if x is None else x
     fig, ax = plt.subplots(figsize=(5, 3.4))

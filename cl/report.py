@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from adaptsim.cl.config import ConfigError
 from adaptsim.cl.report_plots import accuracy_matrix_png, band_png, curve_mean_std, epsilon_png
-from adaptsim.cl.rundir import FINISHED, RunDir, is_run_dir, loads_json
+from adaptsim.cl.rundir import FINISHED, RunDir, is_run_dir, loads_json, write_atomic
 from adaptsim.cl.study.aggregate import (
     DASH,
     aggregate_study,
@@ -31,7 +31,6 @@ from adaptsim.cl.study.aggregate import (
     is_current,
     load_cells,
     metric_info,
-    write_text_atomic,
 )
 
 __all__ = ["write_report", "write_run_report", "write_study_report", "REPORT_FILE"]
@@ -260,7 +259,7 @@ def write_study_report(study_dir: str | Path) -> Path:
         body += ['<div class="figs">', *figs, "</div>"] if figs else ['<p class="note">No finished cells to plot.</p>']
         body += ["<h3>Cell configs</h3>"] + [_config_block(f"{c.name} (seed {c.seed}, {c.status})",
                                                            c.run_dir / "config.yaml") for c in cs]
-    return write_text_atomic(d / REPORT_FILE, _page(f"Study {res['study']}", body))
+    return write_atomic(d / REPORT_FILE, _page(f"Study {res['study']}", body))
 
 
 # -- single run ------------------------------------------------------------------------------
@@ -295,7 +294,7 @@ def write_run_report(run_dir: str | Path) -> Path:
     else:
         body.append('<p class="note">No metrics.json yet.</p>')
     body += ["<h2>Config</h2>", _config_block("config.yaml (resolved)", rd.path / "config.yaml")]
-    return write_text_atomic(rd.path / REPORT_FILE, _page(f"Run {rd.path.name}", body))
+    return write_atomic(rd.path / REPORT_FILE, _page(f"Run {rd.path.name}", body))
 
 
 def write_report(path: str | Path) -> Path:

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from adaptsim.cl.config import ConfigError, read_yaml, write_yaml
 
-__all__ = ["RunDir", "RunDirError", "dumps_json", "loads_json", "json_safe", "is_run_dir",
+__all__ = ["RunDir", "RunDirError", "dumps_json", "loads_json", "json_safe", "is_run_dir", "write_atomic",
            "RUNNING", "FINISHED", "FAILED"]
 
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
@@ -92,14 +92,18 @@ def loads_json(text: str) -> Any:
     return _decode(json.loads(text))
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` through a temporary file and
+    ``os.replace``, so a reader never sees a half-written file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if isinstance(data, bytes):
         tmp.write_bytes(data)
     else:
-        tmp.write_text(data)
+        tmp.write_text(data, encoding="utf-8")
     os.replace(tmp, path)
+    return path
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -173,7 +177,7 @@ class RunDir:
             raise RunDirError(f"{f} is not valid JSON: {exc}") from None
 
     def _write_status(self, st: Mapping[str, Any]) -> None:
-        _atomic_write(self.path / STATUS_FILE, dumps_json(st))
+        write_atomic(self.path / STATUS_FILE, dumps_json(st))
 
     def _update_status(self, **fields: Any) -> None:
         st = self.status()
@@ -210,7 +214,7 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> Path:
         """Write ``obj`` as ``name`` in the one JSON encoding (atomic)."""
         p = self.path / name
-        _atomic_write(p, dumps_json(obj))
+        write_atomic(p, dumps_json(obj))
         return p
 
     def read_json(self, name: str) -> Any:
@@ -232,7 +236,7 @@ class RunDir:
 
         lines = [",".join(header)] + [",".join(cell(v) for v in row) for row in rows]
         p = self.path / name
-        _atomic_write(p, "\n".join(lines) + "\n")
+        write_atomic(p, "\n".join(lines) + "\n")
         return p
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -251,7 +255,7 @@ class RunDir:
         buf = io.BytesIO()
         torch.save(obj, buf)
         p = self.checkpoint_dir / name
-        _atomic_write(p, buf.getvalue())
+        write_atomic(p, buf.getvalue())
         return p
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None) -> Any:

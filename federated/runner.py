@@ -94,9 +94,9 @@ def plot_accuracy_vs_epsilon(series: Mapping[str, tuple[list[float], list[float]
         path: PNG to write.
         title: figure title.
     """
-    from adaptsim.cl.plots import _plt
+    from adaptsim.cl.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     drawn = 0
     for label, (eps, acc) in series.items():

@@ -23,18 +23,17 @@ other numbers with 3; see :func:`format_value`.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from adaptsim.cl.config import ConfigError, read_yaml
-from adaptsim.cl.rundir import FINISHED, RunDir, RunDirError, dumps_json, loads_json
+from adaptsim.cl.rundir import FINISHED, RunDir, RunDirError, dumps_json, loads_json, write_atomic
 
 __all__ = ["aggregate_study", "load_cells", "groups_of", "is_current", "metric_info", "mean_std", "paired_diff_ci",
            "format_value", "Cell",
-           "METRICS", "UNITS", "write_text_atomic"]
+           "METRICS", "UNITS"]
 
 DASH = "—"
 
@@ -55,15 +54,6 @@ METRICS: dict[str, tuple[str, str]] = {
     "train_seconds": ("train", "s"), "eval_seconds": ("eval", "s"),
     "trainable_params": ("trainable params", "count"), "stored_params": ("stored params", "count"),
 }
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 # -- pure statistics -----------------------------------------------------------------------
@@ -377,9 +367,9 @@ def aggregate_study(study_dir: str | Path) -> dict[str, Any]:
                        for c in cells if c.status not in (FINISHED, "failed")],
     }
     table = _markdown(res)
-    write_text_atomic(study_dir / "study.json", dumps_json(res))
-    write_text_atomic(study_dir / "study.csv", _csv(res))
-    write_text_atomic(study_dir / "study.md", table)
+    write_atomic(study_dir / "study.json", dumps_json(res))
+    write_atomic(study_dir / "study.csv", _csv(res))
+    write_atomic(study_dir / "study.md", table)
     return {**res, "table": table}
 
 
