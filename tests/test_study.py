@@ -218,8 +218,19 @@ def test_changed_study_in_the_same_folder_is_refused(reference):
         run_study(STUDY, {**FAST, "study.seeds": [0, 1, 2]}, workers=0, out_dir=reference.study_dir.parent)
 
 
+def _half_done(study_dir: Path) -> bool:
+    """A cell folder still marked running with a checkpoint after its first experience."""
+    for ckpt in study_dir.glob("cells/*/checkpoints/after_exp0.pt"):
+        try:
+            if RunDir(ckpt.parents[1]).status().get("status") == "running":
+                return True
+        except ValueError:  # status.json being replaced right now
+            pass
+    return False
+
+
 def test_killed_study_resumes_with_the_same_table(reference, tmp_path):
-    """SIGKILL a study process mid-way; the same command then finishes with the same numbers."""
+    """SIGKILL a study process while a cell is half done; the same command finishes with the same numbers."""
     code = (f"from adaptsim.cl.study import run_study\n"
             f"run_study({str(STUDY)!r}, {FAST!r}, workers=0, out_dir={str(tmp_path)!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -227,7 +238,7 @@ def test_killed_study_resumes_with_the_same_table(reference, tmp_path):
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if index.is_file() and '"finished"' in index.read_text():
+            if index.is_file() and '"finished"' in index.read_text() and _half_done(index.parent):
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the study ended before it could be killed"
@@ -237,7 +248,7 @@ def test_killed_study_resumes_with_the_same_table(reference, tmp_path):
         proc.wait(30)
     at_kill = loads_json(index.read_text())["cells"]
     done = [c for c in at_kill if c["status"] == "finished"]
-    assert 1 <= len(done) < 4
+    assert 1 <= len(done) < 4 and _half_done(index.parent)
     resumed = run_study(STUDY, FAST, workers=0, out_dir=tmp_path)
     assert resumed.failed == [] and resumed.incomplete == []
     assert results(resumed.study_dir) == results(reference.study_dir)
