@@ -2,8 +2,8 @@
 
 Curves over seeds are drawn as the mean with a ±1 sample-std band (:func:`curve_mean_std`); the
 accuracy-matrix heat-map reuses :func:`adaptsim.cl.plots.plot_accuracy_matrix`. Accuracy
-against ε follows ``adaptsim.federated.runner.plot_accuracy_vs_epsilon`` (``cl`` does not import
-``federated``): non-finite ε (no DP) is dropped and said so on the figure.
+against ε (:func:`epsilon_png`, also the federated runs' ``accuracy_vs_epsilon.png``) drops
+non-finite ε (no DP) and says so on the figure.
 """
 
 from __future__ import annotations

@@ -87,36 +87,12 @@ def summarize_rounds(rounds: list[dict], dp: Any = None) -> dict[str, Any]:
 
 def plot_accuracy_vs_epsilon(series: Mapping[str, tuple[list[float], list[float]]], path: Path,
                              title: str = "") -> None:
-    """Accuracy (y, 0..1) against epsilon (x) for named series; non-finite epsilons are dropped.
+    """Accuracy (y, 0..1) against epsilon (x) for named series, as a PNG at ``path``
+    (:func:`adaptsim.cl.report_plots.epsilon_png`; non-finite epsilons are dropped)."""
+    from adaptsim.cl.report_plots import epsilon_png
+    from adaptsim.cl.rundir import write_atomic
 
-    Args:
-        series: label -> (epsilons, accuracies).
-        path: PNG to write.
-        title: figure title.
-    """
-    from adaptsim.cl.plots import pyplot
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    drawn = 0
-    for label, (eps, acc) in series.items():
-        pts = [(e, a) for e, a in zip(eps, acc) if e is not None and math.isfinite(e)]
-        if pts:
-            ax.plot([e for e, _ in pts], [100 * a for _, a in pts], marker="o", label=label)
-            drawn += 1
-    if not drawn:
-        ax.text(0.5, 0.5, "no DP in this run (epsilon = inf)", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("epsilon spent (max over clients)")
-    ax.set_ylabel("global test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_atomic(path, epsilon_png(series, title))
 
 
 def write_fed_outputs(cfg: FedExperimentConfig, rounds: list[dict], run_dir: Path | RunDir) -> dict[str, Any]:
