@@ -182,6 +182,15 @@ def test_resolved_cells_threads_overrides_and_fingerprint(tmp_path):
     assert len(load_study(STUDY, {"study.seeds": [0]}, out_dir=tmp_path).cells) == 2
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "scenarios" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_study_files_resolve(path, tmp_path):
+    study = load_study(path, out_dir=tmp_path)
+    assert study.cells and study.baseline_group is not None
+    assert study.source.stem == study.cfg.name  # the folder is named like the file
+    if study.cells[0].kind in ("federated", "fednano"):  # the seed reaches the federated kinds
+        assert all(c.config["federated"]["seed"] == c.cell.seed for c in study.cells)
+
+
 # --- running (in this process) ---------------------------------------------------------------
 def test_in_process_study(reference):
     sdir = reference.study_dir
