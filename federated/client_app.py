@@ -7,7 +7,9 @@ https://arxiv.org/abs/2403.12313.
   with this node's ``partition-id``/``num-partitions`` (from the SuperNode's node config).
 - ``train``: rebuilds (or reuses, per process) the model with A from that seed, runs
   :func:`~adaptsim.federated.task.client_fit` and keeps its DP accountant state in
-  ``context.state`` across rounds (Flower keeps ``context.state`` per node and run).
+  ``context.state`` across rounds (Flower keeps ``context.state`` per node and run) and in a
+  file on the node (:func:`~adaptsim.federated.flower_glue.node_dp_store`), which survives a
+  SuperNode restart.
 - ``evaluate``: accuracy and loss of the received arrays on the global test set.
 """
 
@@ -19,8 +21,8 @@ from typing import Any
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from adaptsim.federated.flower_glue import (arrays_to_record, experiment_from_run_config, record_to_arrays,
-                                            state_get, state_put)
+from adaptsim.federated.flower_glue import (arrays_to_record, experiment_from_run_config, node_dp_store,
+                                            record_to_arrays, state_get, state_put)
 
 app = ClientApp()
 
@@ -70,7 +72,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     arrays, n, met, state["client"] = client_fit(get_model(cfg), record_to_arrays(msg.content["arrays"]),
                                                  train_ds, cfg, state.get("client"), client_id=pid,
-                                                 round_idx=server_round - 1)
+                                                 round_idx=server_round - 1,
+                                                 node_store=node_dp_store(context, cfg, pid))
     state_put(context, state)
     metrics = MetricRecord({"num-examples": n, "partition-id": pid, "epsilon": float(met["epsilon"]),
                             "loss": float(met["loss"]), "budget-spent": int(met["budget_spent"]),

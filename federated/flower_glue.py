@@ -8,6 +8,9 @@
   keys as ``[tool.flwr.app.config]`` in ``pyproject.toml``). TOML has no null and Flower's
   ``UserConfig`` no lists, so ``None`` is written as ``""`` and tuples as ``"q,v"``.
 - :func:`state_get` / :func:`state_put`: a client's plain-dict state in ``context.state``.
+- :func:`node_dp_store`: the file on the SuperNode that keeps the client's DP accountant
+  (node config ``state-dir``, default ``$FLWR_HOME/adaptsim_dp_state``), keyed by run name
+  (the ``run-dir`` folder name, else ``run.name``, else the config hash) and partition.
 - :func:`write_rounds` / :func:`read_rounds`: the round metrics the ServerApp hands back to the
   process that started ``flwr run`` (simulation and deployment modes).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import types
 import typing
 from functools import lru_cache
@@ -35,8 +39,8 @@ import numpy as np
 from adaptsim.cl.rundir import dumps_json, loads_json
 
 __all__ = ["ENGINE_KEYS", "launch_run_config", "route_logs_to_flower", "arrays_to_record", "record_to_arrays", "experiment_to_run_config",
-           "experiment_from_run_config", "state_get", "state_put", "write_rounds", "read_rounds",
-           "ROUNDS_FILE"]
+           "experiment_from_run_config", "state_get", "state_put", "node_dp_store", "write_rounds",
+           "read_rounds", "ROUNDS_FILE"]
 
 ENGINE_KEYS = {"run-dir": "", "round-timeout": 600.0, "experiment": ""}
 ROUNDS_FILE = "flower_rounds.json"
@@ -167,6 +171,23 @@ def state_put(context: Any, state: Mapping[str, Any]) -> None:
     from flwr.app import ConfigRecord
 
     context.state[_STATE_KEY] = ConfigRecord({"json": json.dumps(dict(state))})
+
+
+def node_dp_store(context: Any, cfg: Any, partition_id: int) -> Any:
+    """The :class:`~adaptsim.federated.privacy.NodeDPStore` of this SuperNode's client.
+
+    The directory is the node config's ``state-dir`` (``flower-supernode --node-config
+    "... state-dir='/var/lib/node0'"``), else ``$FLWR_HOME/adaptsim_dp_state`` (Flower's own
+    default home ``~/.flwr`` without ``FLWR_HOME``). The run name is the ``run-dir`` folder name,
+    else ``run.name``, else ``cfg-<config hash>``: the same study restarted finds its accountant.
+    """
+    from adaptsim.federated.privacy import NodeDPStore
+
+    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    state_dir = str(context.node_config.get("state-dir", "")) or str(home / "adaptsim_dp_state")
+    run_dir = str(context.run_config.get("run-dir", ""))
+    run_name = Path(run_dir).name if run_dir else (cfg.run.name or f"cfg-{cfg.config_hash()[:16]}")
+    return NodeDPStore(state_dir, run_name, partition_id)
 
 
 # -- round metrics hand-back -----------------------------------------------------------------

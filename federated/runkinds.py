@@ -52,14 +52,17 @@ def _run(cfg, rd, **kw):
 
 
 def _prepare_data(cfg) -> None:
+    from adaptsim.federated.fednano.task import refuse_dp
     from adaptsim.federated.task import load_data
 
+    refuse_dp(cfg)  # FedNano's split training hands the server tokens and labels: no DP
     load_data(cfg)  # a missing data file is an error before any run folder exists
 
 
 def _prepare(cfg) -> None:
-    """Load the data and draw the partitions before a run folder exists: a missing data file or
-    a partition that cannot be drawn (too many clients, ``min_partition_size``) is a config error."""
+    """Load the data and draw the partitions before a run folder exists: a missing data file, a
+    partition that cannot be drawn (too many clients, ``min_partition_size``) or a
+    ``dp.delta >= 1/n_k`` for some client is a config error."""
     from adaptsim.cl.config import ConfigError
     from adaptsim.federated.partition import partition_indices
     from adaptsim.federated.task import load_data
@@ -67,11 +70,16 @@ def _prepare(cfg) -> None:
     f = cfg.federated
     train, _ = load_data(cfg)
     try:
-        partition_indices(train.targets, f.num_clients, f.partition, alpha=f.dirichlet_alpha,
-                          seed=f.partition_seed, min_partition_size=f.min_partition_size)
+        parts = partition_indices(train.targets, f.num_clients, f.partition, alpha=f.dirichlet_alpha,
+                                  seed=f.partition_seed, min_partition_size=f.min_partition_size)
     except ValueError as exc:
         raise ConfigError(f"federated: cannot partition {len(train.targets)} training samples over "
                           f"{f.num_clients} clients: {exc}") from None
+    if f.dp.enabled:
+        from adaptsim.federated.privacy import check_delta
+
+        for k, idx in enumerate(parts):
+            check_delta(f.dp.delta, len(idx), k)
 
 
 def _is_fednano(raw: Mapping[str, Any]) -> bool:

@@ -148,3 +148,48 @@ def test_reproducible_summary_says_not_private():
     assert summarize_rounds(rounds, dp=DPConfig(epsilon=3.0))["privacy"] != NOT_PRIVATE
     assert summarize_rounds([{**r, "privacy": NOT_PRIVATE} for r in rounds])["privacy"] == NOT_PRIVATE
     assert math.isnan(summarize_rounds([{**r, "epsilon": {}} for r in rounds])["max_epsilon"])
+
+
+def test_delta_check_runs_before_a_run_folder_exists(tmp_path):
+    from adaptsim.federated.runner import run_fed
+
+    cfg = load_fed_experiment({"scenario": {"dataset": {"name": "digits"}}, "backbone": TINY,
+                               "federated": {"num_clients": 4, "clients_per_round": 4, "rounds": 1,
+                                             "partition": "iid", "dp": {"epsilon": 4.0, "delta": 0.01}},
+                               "run": {"out_dir": str(tmp_path / "runs"), "plots": False}})
+    with pytest.raises(ConfigError, match=r"client 0 has n_k=\d+ "):
+        run_fed(cfg)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_clientapp_keeps_the_accountant_in_the_nodes_state_dir_across_a_supernode_restart(tmp_path):
+    """A restarted SuperNode (fresh ``context.state``) resumes epsilon from its ``state-dir``."""
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+    from adaptsim.federated.client_app import app
+    from adaptsim.federated.flower_glue import arrays_to_record, launch_run_config
+
+    cfg = load_fed_experiment({"scenario": {"dataset": {"name": "digits"}}, "backbone": TINY,
+                               "federated": {"num_clients": 2, "clients_per_round": 2, "rounds": 3,
+                                             "batch_size": 64, "partition": "iid", "dp": {"epsilon": 4.0}}})
+    rc = launch_run_config(cfg, tmp_path / "study-x")
+
+    def msg(content, mtype, mid):
+        md = Metadata(run_id=1, message_id=mid, src_node_id=1, dst_node_id=5, reply_to_message_id="",
+                      group_id="", created_at=time.time(), ttl=3600, message_type=mtype)
+        return Message(content, metadata=md)
+
+    def node_lifetime(server_round):
+        ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config=rc,
+                      node_config={"partition-id": 1, "num-partitions": 2, "state-dir": str(tmp_path / "node")})
+        app(msg(RecordDict({"config": ConfigRecord({"a-seed": cfg.federated.a_seed})}), "query", "q"), ctx)
+        train = RecordDict({"arrays": arrays_to_record(initial_arrays(cfg)),
+                            "config": ConfigRecord({"server-round": server_round})})
+        return float(app(msg(train, "train", f"t{server_round}"), ctx).content["metrics"]["epsilon"])
+
+    eps1 = node_lifetime(1)
+    assert (tmp_path / "node" / "dp_study-x_p1.json").exists()
+    eps2 = node_lifetime(2)  # new Context: what Flower gives a restarted SuperNode
+    assert 0 < eps1 < eps2 <= 4.0
