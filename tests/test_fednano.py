@@ -29,12 +29,12 @@ def _cfg(federated=None, **fednano):
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    import os
-
-    os.environ["ADAPTSIM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    """The shared system, its pretraining cached in a private ``ADAPTSIM_CACHE`` (restored after)."""
     from adaptsim.federated.fednano.system import get_system
 
-    return get_system(_cfg())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTSIM_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield get_system(_cfg())
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -53,19 +53,31 @@ def test_vqa_answers_and_public_split():
 
 # -- aggregation (hand-computed) -------------------------------------------------------------
 def test_fisher_merge_hand_computed():
+    """theta* = sum_k (n_k F_k + eps) theta_k / sum_k (n_k F_k + eps) (Matena & Raffel's floor)."""
     p = [{"w": np.array([1.0, 5.0])}, {"w": np.array([3.0, 7.0])}]
     f = [{"w": np.array([1.0, 0.0])}, {"w": np.array([0.5, 0.0])}]
     n = [1, 3]
-    # entry 0: (1*1*1 + 3*0.5*3) / (1*1 + 3*0.5 + 2 eps) = 5.5 / 2.5; entry 1: 0 / (2 eps) = 0
-    np.testing.assert_allclose(fisher_merge(p, f, n, eps=1e-8)["w"], [2.2, 0.0], rtol=1e-6)
-    # the FedAvg fallback where no client has Fisher mass: (1*5 + 3*7) / 4 = 6.5
-    np.testing.assert_allclose(fisher_merge(p, f, n, eps=1e-8, fallback="fedavg")["w"], [2.2, 6.5], rtol=1e-6)
+    e = 1e-8
+    # entry 0: ((1 + e) 1 + (1.5 + e) 3) / (2.5 + 2e) = 2.2; entry 1 (no Fisher anywhere): FedAvg
+    # (1*5 + 3*7) / 4 = 6.5 by default, the formula's unweighted mean (5 e + 7 e) / 2e = 6 without
+    np.testing.assert_allclose(fisher_merge(p, f, n, eps=e)["w"], [2.2, 6.5], rtol=1e-6)
+    np.testing.assert_allclose(fisher_merge(p, f, n, eps=e, fallback="none")["w"], [2.2, 6.0], rtol=1e-6)
     np.testing.assert_allclose(fedavg_arrays(p, n)["w"], [2.5, 6.5])
-    # eps matters where the Fisher is tiny: (1e-8*1 + 0) / (1e-8 + 1e-8) = 0.5
-    tiny = fisher_merge([{"w": np.array([1.0])}], [{"w": np.array([1e-8])}], [1], eps=1e-8)
-    np.testing.assert_allclose(tiny["w"], [0.5], rtol=1e-5)
+    # near-zero Fisher no longer shrinks toward 0: (1e-8 + e) 1 / (1e-8 + e) = 1 (was 0.5)
+    tiny = fisher_merge([{"w": np.array([1.0])}], [{"w": np.array([1e-8])}], [1], eps=e)
+    np.testing.assert_allclose(tiny["w"], [1.0], rtol=1e-6)
+    # two clients with Fisher far below eps: about their mean 3 (was 7e-4)
+    two = fisher_merge([{"w": np.array([2.0])}, {"w": np.array([4.0])}],
+                       [{"w": np.array([1e-12])}, {"w": np.array([3e-12])}], [1, 1], eps=e)
+    np.testing.assert_allclose(two["w"], [3.0], rtol=1e-3)
+    # a client with real Fisher mass dominates one without: ((1 + e) 2 + e 4) / (1 + 2e) = 2
+    dom = fisher_merge([{"w": np.array([2.0])}, {"w": np.array([4.0])}],
+                       [{"w": np.array([1.0])}, {"w": np.array([0.0])}], [1, 1], eps=e)
+    np.testing.assert_allclose(dom["w"], [2.0], rtol=1e-6)
     with pytest.raises(ValueError, match="negative"):
         fisher_merge(p, [{"w": np.array([-1.0, 0.0])}, f[1]], n)
+    with pytest.raises(ValueError, match="fallback"):
+        fisher_merge(p, f, n, fallback="zero")
 
 
 def test_aggregate_dispatch_strips_fisher_and_skips_empty_clients():
@@ -184,6 +196,21 @@ def test_ffa_lora_baseline_sends_b_only_and_downloads_the_model(system):
         v.numel() * 4 for v in system.server.state_dict().values())
     with pytest.raises(ValueError, match="aggregation"):
         client_fit(base, dict(base.initial), base.clients[0], _cfg(baseline="ffa_lora"), None)
+
+
+def test_dp_is_refused_because_split_training_sends_tokens_and_labels(system):
+    from adaptsim.cl.config import ConfigError
+    from adaptsim.federated.fednano.loop import run_inprocess_fednano
+    from adaptsim.federated.fednano.task import client_fit, refuse_dp
+
+    cfg = _cfg({"dp": {"epsilon": 8.0}}, aggregation="fedavg")
+    with pytest.raises(ConfigError, match="split training sends the adapted tokens and the answer ids"):
+        refuse_dp(cfg)
+    with pytest.raises(ConfigError, match="federated.dp with method fednano"):
+        client_fit(system, dict(system.initial), system.clients[0], cfg, None)
+    with pytest.raises(ConfigError, match="federated.dp"):   # a config error, not a failed client
+        run_inprocess_fednano(cfg)
+    refuse_dp(_cfg(aggregation="fedavg"))                     # no DP: fine
 
 
 def test_config_validation_and_offline_hf_model_error(monkeypatch):

@@ -36,7 +36,8 @@ class FedNanoConfig:
         pretrain_per_class: images per digit held out of the clients' data as the server's
             public pretraining split (``0`` = no pretraining: a random frozen server model).
         pretrain_steps: Adam steps of the server pretraining.
-        fisher_eps: epsilon of Fisher merging, added to the denominator (guards 0/0).
+        fisher_eps: floor of Fisher merging, added to every client's weight ``n_k F_k`` (numerator
+            and denominator alike, Matena & Raffel), so near-zero-Fisher entries do not shrink.
         fisher_batch: batch size of the Fisher pass (one split round trip per batch).
     """
 

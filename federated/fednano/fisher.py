@@ -5,13 +5,15 @@ Models", Zhang et al., arXiv 2506.14824 (https://arxiv.org/abs/2506.14824). The 
 weighting is not public; this is standard Fisher merging (Matena & Raffel, "Merging Models with
 Fisher-Weighted Averaging", NeurIPS 2022, https://arxiv.org/abs/2111.09832) with example counts:
 
-    theta* = sum_k n_k F_k * theta_k / sum_k (n_k F_k + eps)
+    theta* = sum_k (n_k F_k + eps) * theta_k / sum_k (n_k F_k + eps)
 
-(the brief's formula: ``eps`` is added once per client inside the sum, i.e. ``K * eps`` in the
-denominator). Where every client's Fisher of a parameter is zero the merged value is 0, not
-0/0; :func:`fisher_merge` can instead fall back to FedAvg there (``fallback="fedavg"``, the
-methods notes' "FedAvg blend"). A client uploads its Fisher next to its adapters, under the
-prefix :data:`FISHER_PREFIX`; those bytes are counted like any other upload.
+``eps`` is part of each client's *weight*, in the numerator and the denominator alike (Matena &
+Raffel's floor), so an entry whose Fisher is near zero on every client becomes the plain mean of
+the clients' values instead of shrinking toward 0 (an earlier version added ``eps`` to the
+denominator only, which pulled such entries to zero). Entries whose Fisher is exactly zero on
+every client take the FedAvg value (``fallback="fedavg"``, the default; ``"none"`` keeps the
+formula's unweighted mean). A client uploads its Fisher next to its adapters, under the prefix
+:data:`FISHER_PREFIX`; those bytes are counted like any other upload.
 """
 
 from __future__ import annotations
@@ -51,16 +53,17 @@ def fedavg_arrays(params: Sequence[Mapping[str, np.ndarray]], num_examples: Sequ
 
 
 def fisher_merge(params: Sequence[Mapping[str, np.ndarray]], fishers: Sequence[Mapping[str, np.ndarray]],
-                 num_examples: Sequence[int], eps: float = 1e-8, fallback: str = "zero") -> dict[str, np.ndarray]:
-    """Diagonal-Fisher merging ``sum_k n_k F_k theta_k / sum_k (n_k F_k + eps)``, per parameter entry.
+                 num_examples: Sequence[int], eps: float = 1e-8, fallback: str = "fedavg") -> dict[str, np.ndarray]:
+    """Diagonal-Fisher merging ``sum_k w_k theta_k / sum_k w_k``, ``w_k = n_k F_k + eps``, per entry.
 
     Args:
         params: per client, name -> parameter array.
         fishers: per client, name -> diagonal Fisher (same names and shapes, >= 0).
         num_examples: per client, n_k.
-        eps: added to the denominator once per client (> 0).
-        fallback: ``"zero"`` (the formula as is) or ``"fedavg"``: entries whose Fisher is zero on
-            every client take the FedAvg value instead of being pulled to 0.
+        eps: floor added to every client's weight (> 0).
+        fallback: ``"fedavg"`` (default): entries whose Fisher is zero on every client take the
+            example-weighted FedAvg value; ``"none"``: the formula as is (there: the unweighted
+            mean of the clients' values).
 
     Returns:
         name -> merged array (float32).
@@ -73,24 +76,27 @@ def fisher_merge(params: Sequence[Mapping[str, np.ndarray]], fishers: Sequence[M
         raise ValueError(f"{len(params)} parameter sets but {len(fishers)} Fisher sets")
     if not eps > 0:
         raise ValueError(f"fisher_eps must be > 0, got {eps}")
-    if fallback not in ("zero", "fedavg"):
-        raise ValueError(f"fallback must be 'zero' or 'fedavg', got {fallback!r}")
+    if fallback not in ("fedavg", "none"):
+        raise ValueError(f"fallback must be 'fedavg' or 'none', got {fallback!r}")
     out = {}
     avg = fedavg_arrays(params, num_examples) if fallback == "fedavg" else None
     for k in params[0]:
         num = np.zeros(np.shape(params[0][k]), np.float64)
         den = np.zeros_like(num)
+        mass = np.zeros_like(num)
         for p, f, n in zip(params, fishers, num_examples):
             fk = np.asarray(f[k], np.float64)
             if fk.shape != num.shape:
                 raise ValueError(f"Fisher of {k!r} has shape {fk.shape}, parameter {num.shape}")
             if (fk < 0).any():
                 raise ValueError(f"Fisher of {k!r} has negative entries")
-            num += n * fk * np.asarray(p[k], np.float64)
-            den += n * fk + eps
+            w = n * fk + eps
+            num += w * np.asarray(p[k], np.float64)
+            den += w
+            mass += fk
         merged = num / den
         if avg is not None:
-            merged = np.where(sum(np.asarray(f[k]) for f in fishers) > 0, merged, avg[k])
+            merged = np.where(mass > 0, merged, avg[k])
         out[k] = merged.astype(np.float32)
     return out
 

@@ -17,14 +17,13 @@ model instead; with a near-converged model both agree, and the empirical one nee
 Per-example adapter gradients are exact (closed form of the low-rank adapter,
 :meth:`NanoAdapter.per_example_grads`).
 
-DP (option): Opacus DP-SGD on the NanoAdapters with the federated package's per-client
-accountant (same plan and state as ``adaptsim.federated.task``). Not with Fisher merging (the
-Fisher of the private data would be released without noise) and not for the PEFT baseline.
+DP is refused (:func:`refuse_dp`): split training sends the adapted tokens and the answer ids
+to the server every step, so DP-SGD on the adapters would protect nothing against the server
+(docs/methods/fednano.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -34,15 +33,15 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from adaptsim.cl.config import ConfigError
 from adaptsim.federated.config import FedExperimentConfig
 from adaptsim.federated.fednano.data import VQASet
 from adaptsim.federated.fednano.fisher import with_fisher
 from adaptsim.federated.fednano.system import FedNanoSystem
-from adaptsim.federated.privacy import (epsilon_of, flatten_history, make_accountant, plan_dp,
-                                        unflatten_history, would_exceed)
 from adaptsim.federated.task import load_arrays
 
-__all__ = ["SplitChannel", "client_fit", "evaluate", "client_arrays", "adapter_fisher", "tensor_bytes"]
+__all__ = ["SplitChannel", "client_fit", "evaluate", "client_arrays", "adapter_fisher", "tensor_bytes",
+           "refuse_dp"]
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +129,21 @@ def adapter_fisher(system: FedNanoSystem, data: VQASet, channel: SplitChannel,
     return {k: (v / n).cpu().numpy().astype(np.float32) for k, v in acc.items()}
 
 
+def refuse_dp(cfg: FedExperimentConfig) -> None:
+    """FedNano has no DP: split training hands the server raw adapted tokens and answer ids.
+
+    Raises:
+        ConfigError: when ``federated.dp.epsilon`` is set with ``method: fednano``.
+    """
+    if cfg.federated.method == "fednano" and cfg.federated.dp.enabled:
+        raise ConfigError("federated.dp with method fednano is refused: split training sends the adapted tokens and "
+                          "the answer ids to the server every step, so DP-SGD on the NanoAdapters would protect "
+                          "nothing against the server (and the PEFT baseline has no DP path); unset "
+                          "federated.dp.epsilon or use method ffa_lora/lora")
+
+
 def _local_train(system: FedNanoSystem, data: VQASet, cfg: FedExperimentConfig, seed: int,
-                 channel: SplitChannel | None, plan, history: list) -> tuple[float, int, list]:
+                 channel: SplitChannel | None) -> tuple[float, int]:
     """Local epochs: split SGD on the NanoAdapters, or local SGD of the PEFT baseline's LoRA."""
     fed = cfg.federated
     model = system.client_model()
@@ -140,45 +152,24 @@ def _local_train(system: FedNanoSystem, data: VQASet, cfg: FedExperimentConfig, 
     enc, q, ans = _batches(system, data, train=True)
     loader = DataLoader(TensorDataset(enc, q, ans), batch_size=fed.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    module, engine = system.edge, None
-    if plan is not None:
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant=fed.dp.accountant)
-        engine.accountant = make_accountant(fed.dp.accountant, history)
-        system.edge.train()
-        module, opt, loader = engine.make_private(
-            module=system.edge, optimizer=opt, data_loader=loader, noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=fed.dp.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
-            noise_generator=torch.Generator().manual_seed(seed + 1))
     losses, steps = [], 0
-    try:
-        for _ in range(fed.local_epochs):
-            for e, qb, yb in loader:
-                if len(yb) == 0:  # an empty Poisson batch is still a private step
-                    engine.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-                    steps += 1
-                    continue
-                opt.zero_grad(set_to_none=True)
-                if channel is None:   # PEFT baseline: the whole model is on the client
-                    loss_t = F.cross_entropy(system.peft(system.edge(e, qb)), yb)
-                    loss_t.backward()
-                    loss = loss_t.item()
-                else:                 # FedNano: split step through the channel
-                    tokens = module(e, qb)                               # (B, S, d)
-                    loss, grad = channel.train_step(tokens.detach(), yb)
-                    tokens.backward(grad)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"client loss became {loss} at step {steps}")
-                opt.step()
-                losses.append(loss)
-                steps += 1
-    finally:
-        if engine is not None:
-            history = list(engine.accountant.history)
-            module._close()
-        system.edge.eval()
-    return (float(np.mean(losses)) if losses else float("nan")), steps, history
+    for _ in range(fed.local_epochs):
+        for e, qb, yb in loader:
+            opt.zero_grad(set_to_none=True)
+            if channel is None:   # PEFT baseline: the whole model is on the client
+                loss_t = F.cross_entropy(system.peft(system.edge(e, qb)), yb)
+                loss_t.backward()
+                loss = loss_t.item()
+            else:                 # FedNano: split step through the channel
+                tokens = system.edge(e, qb)                          # (B, S, d)
+                loss, grad = channel.train_step(tokens.detach(), yb)
+                tokens.backward(grad)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"client loss became {loss} at step {steps}")
+            opt.step()
+            losses.append(loss)
+            steps += 1
+    return (float(np.mean(losses)) if losses else float("nan")), steps
 
 
 def client_fit(system: FedNanoSystem, arrays_in: dict[str, np.ndarray], data: VQASet,
@@ -192,54 +183,41 @@ def client_fit(system: FedNanoSystem, arrays_in: dict[str, np.ndarray], data: VQ
         data: the client's VQA triples.
         cfg: the experiment.
         client_state: the state this function returned last round (``None`` first).
-        client_id: seeds batch order and DP noise.
+        client_id: seeds the batch order.
         round_idx: seeds batch order (default: ``rounds_done``).
 
     Returns:
         ``(arrays_out, num_examples, metrics, new_state)``. ``arrays_out`` holds the trained
-        parameters (plus ``fisher::*`` with Fisher merging). ``metrics``: ``loss, epsilon,
+        parameters (plus ``fisher::*`` with Fisher merging). ``metrics``: ``loss, epsilon`` (inf),
         budget_spent, steps, seconds, bytes_activations_up, bytes_gradients_down,
         split_round_trips, bytes_fisher_up``.
 
     Raises:
-        ValueError: for DP with Fisher merging or with the PEFT baseline.
+        ConfigError: for DP (:func:`refuse_dp`).
+        ValueError: for Fisher merging with the PEFT baseline.
     """
     fed, nc = cfg.federated, cfg.federated.fednano
+    refuse_dp(cfg)
     state = dict(client_state or {})
     rounds_done = int(state.get("rounds_done", 0))
     seed = (fed.seed * 1_000_003 + client_id * 10_007 + (rounds_done if round_idx is None else round_idx)) % 2**31
     start = time.perf_counter()
     load_arrays(system.client_model(), arrays_in)
     channel = SplitChannel(system.server) if system.peft is None else None
-    plan, history = None, unflatten_history(state.get("dp_history"))
     split = {"bytes_activations_up": 0, "bytes_gradients_down": 0, "split_round_trips": 0, "bytes_fisher_up": 0}
-    if fed.dp.enabled:
-        if nc.aggregation == "fisher" or system.peft is not None:
-            raise ValueError("federated.dp with fednano needs fednano.aggregation: fedavg and baseline: none "
-                             "(an un-noised Fisher would leak the private data)")
-        plan = plan_dp(len(data), fed.batch_size, fed.local_epochs, fed.rounds, fed.dp)
-        if "noise_multiplier" in state:
-            plan = dataclasses.replace(plan, noise_multiplier=float(state["noise_multiplier"]))
-        state["noise_multiplier"] = plan.noise_multiplier
-        if would_exceed(history, plan, fed.dp):
-            eps = epsilon_of(history, fed.dp)
-            log.info("client %d: privacy budget spent (epsilon %.3f); not training", client_id, eps)
-            return dict(arrays_in), 0, {"loss": math.nan, "epsilon": eps, "budget_spent": 1, "steps": 0,
-                                        "seconds": time.perf_counter() - start, **split}, state
-    loss, steps, history = _local_train(system, data, cfg, seed, channel, plan, history)
+    if nc.aggregation == "fisher" and channel is None:
+        raise ValueError("federated.fednano.aggregation: fisher needs baseline: none")
+    loss, steps = _local_train(system, data, cfg, seed, channel)
     out = client_arrays(system)
     if nc.aggregation == "fisher":
-        if channel is None:
-            raise ValueError("federated.fednano.aggregation: fisher needs baseline: none")
         fisher = adapter_fisher(system, data, channel, nc.fisher_batch)
         split["bytes_fisher_up"] = int(sum(a.nbytes for a in fisher.values()))
         out = with_fisher(out, fisher)
     if channel is not None:
         split.update(bytes_activations_up=channel.bytes_up, bytes_gradients_down=channel.bytes_down,
                      split_round_trips=channel.round_trips)
-    eps = epsilon_of(history, fed.dp) if plan is not None else math.inf
-    state.update(rounds_done=rounds_done + 1, dp_history=flatten_history(history))
-    metrics = {"loss": loss, "epsilon": eps, "budget_spent": 0, "steps": steps,
+    state.update(rounds_done=rounds_done + 1)
+    metrics = {"loss": loss, "epsilon": math.inf, "budget_spent": 0, "steps": steps,
                "seconds": time.perf_counter() - start, **split}
     return out, len(data), metrics, state
 
