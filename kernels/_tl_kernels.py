@@ -86,7 +86,8 @@ def shrink(X, W, PRE, BIAS, GW, GI, H, DG, ROWS, SADP, SSTART, SLEN,
                 wj = tl.where(valid, 1.0, 0.0)
             g += tl.where(ij[:, None] == rr[None, :], wj[:, None], 0.0)
     elif GATE == 3:
-        g = tl.load(GW + rows * sgm, mask=valid, other=0.0).to(tl.float32)[:, None] + tl.zeros((BM, BR), dtype=tl.float32)
+        sc = tl.load(GW + rows * sgm, mask=valid, other=0.0).to(tl.float32)  # (BM,) row scale
+        g = sc[:, None] + tl.zeros((BM, BR), dtype=tl.float32)
     else:
         g = tl.full((BM, BR), 1.0, dtype=tl.float32)
     ho = H + rows[:, None] * shm + rr[None, :] * shr

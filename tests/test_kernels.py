@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _kernel_cases import DEV, GATES, M, R, TOL, TOPK, grad_out, make, rel_err
+from _kernel_cases import DEV, GATES, M, R, TOL, grad_out, make, rel_err
 
 from adaptsim.kernels import (
     AdapterGate,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from _kernel_cases import DEV, K, M, N, R, TOL, grad_out, make, rel_err
 
-from adaptsim.kernels import TopKGate, lora_linear, rank_sparse_lora, rank_sparse_lora_ref
+from adaptsim.kernels import AdapterGate, TopKGate, lora_linear, rank_sparse_lora, rank_sparse_lora_ref
 from adaptsim.kernels import gathered
 from adaptsim.kernels import triton_kernels as tk
 from adaptsim.kernels.segments import by_adapter, per_sample
@@ -99,8 +99,6 @@ def test_segment_tables():
 def test_per_sample_and_sorted_segments_agree():
     """Contiguous per-sample segments (no sort) equal the adapter-sorted per-token path."""
     x, A, B, gate, _ = make("adapter_sample", torch.float32)
-    from adaptsim.kernels import AdapterGate
-
     per_token = AdapterGate(gate.adapter_ids.repeat_interleave(M // 2), gate.rank_per_adapter,
                             gate.scale.detach().repeat_interleave(M // 2))
     a = rank_sparse_lora(x, A, B, gate=AdapterGate(gate.adapter_ids, gate.rank_per_adapter,
