@@ -49,10 +49,14 @@ COMPUTE_MODES = ("gated", "dense")
 class Route(NamedTuple):
     """Routing decision for M tokens.
 
+    The width is static, ``k = min(top_k, R)``, whatever the delta mask keeps: cutting it to the
+    widest token's active count would need that count on the host (one device sync per layer).
+    Slots a token does not keep stay in the list with weight exactly 0, which the kernel's top-k
+    gate treats as inactive (no output, no gradient).
+
     Attributes:
-        indices: (M, J) int64 expert indices, best first; ``J <= top_k`` is the largest number
-            of active experts of any token (columns past a token's own count have weight 0).
-        weights: (M, J) mixture weights (differentiable), 0 on inactive slots.
+        indices: (M, k) int64 expert indices, best first (a token's kept experts are a prefix).
+        weights: (M, k) mixture weights (differentiable), 0 on inactive slots.
         n_active: (M,) number of active experts per token (after top-k and the delta mask).
     """
 
@@ -106,28 +110,23 @@ class SelfActivationGate:
             norm = norm.detach()
         return (h.abs() if self.score == "abs" else h) / norm
 
-    def __call__(self, h: torch.Tensor) -> Route | None:
+    def __call__(self, h: torch.Tensor) -> Route:
         """Routes M tokens given their raw activations ``h = x A^T`` (M, R).
 
-        Returns:
-            a :class:`Route`, or ``None`` when no token has an active expert.
+        Runs entirely on ``h``'s device (no host sync): the route has the static width
+        ``k = min(top_k, R)``; a token with no kept expert has all-zero weights.
         """
         s = self.scores(h.float())  # (M, R)
         k = min(self.top_k, s.shape[-1])
         top_s, idx = s.topk(k, dim=-1)  # (M, k), sorted: kept experts form a prefix
         keep = top_s >= self.delta  # (M, k)
-        n_active = keep.sum(-1)  # (M,)
-        J = int(n_active.max()) if n_active.numel() else 0
-        if J == 0:
-            return None
-        top_s, idx, keep = top_s[:, :J], idx[:, :J], keep[:, :J]  # cut compute to the widest token
         logits = top_s / self.tau
         if self.renormalize:
             w = torch.softmax(logits.masked_fill(~keep, torch.finfo(logits.dtype).min), -1)
         else:
             log_z = torch.logsumexp(s / self.tau, -1, keepdim=True)  # (M, 1) over all R experts
             w = torch.exp(logits - (log_z if self.norm_grad else log_z.detach()))
-        return Route(idx, w * keep, n_active)
+        return Route(idx, w * keep, keep.sum(-1))  # masked slots: weight 0, gradient 0
 
 
 class MoRALinear(nn.Module):
@@ -178,12 +177,11 @@ class MoRALinear(nn.Module):
             return ex.base_layer(x)
         lead, R = x.shape[:-1], ex.n_experts
         h = ex.scores_input(x).reshape(-1, R)  # (M, R) = x A^T, the self-activation input
-        route = self.gate_cfg(h)
-        if self.recorder is not None:
-            n = torch.zeros(h.shape[0], dtype=torch.long, device=h.device) if route is None else route.n_active
-            self.recorder(self, n.reshape(lead))
-        if route is None:
+        if h.shape[0] == 0:  # no tokens (a static shape, not a device value)
             return ex.base_layer(x)
+        route = self.gate_cfg(h)  # static width k, no host sync
+        if self.recorder is not None:
+            self.recorder(self, route.n_active.reshape(lead))
         if self.compute == "gated":
             J = route.indices.shape[-1]
             return ex(x, topk_indices=route.indices.reshape(*lead, J),

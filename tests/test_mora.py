@@ -77,7 +77,7 @@ def test_scores_and_output_match_hand_computation(score, renorm):
         assert abs(float(route.weights.sum()) - 1.0) < 1e-6 if renorm else float(route.weights.sum()) < 1
 
 
-def test_topk_and_delta_cut_compute_and_gradients(monkeypatch):
+def test_topk_and_delta_select_experts_and_gradients(monkeypatch):
     import adaptsim.strategies.adapters.experts as experts_mod
 
     widths = []
@@ -95,15 +95,88 @@ def test_topk_and_delta_cut_compute_and_gradients(monkeypatch):
         assert (gA[i].abs().sum() > 0) == active and (gB[:, i].abs().sum() > 0) == active, i
     assert len(used) <= 6
 
-    # the delta threshold lowers the active count below k and narrows the kernel call
+    # the delta threshold lowers the active count below k. The route keeps the static width k
+    # (cutting it to the widest token would need a host sync) and the dropped slots are inert.
     layer = layer_with_experts(R=16, top_k=8, delta=0.3)
+    x = torch.randn(50, 6)
+    h = layer.experts.scores_input(x)  # (50, 16)
+    route = layer.gate_cfg(h)
+    assert route.indices.shape == (50, 8) and route.n_active.max() < 8  # delta dropped experts
     widths.clear()
-    route = layer.gate_cfg(torch.randn(50, 6) @ layer.experts.stacked()[0].t())
-    assert route.n_active.max() < 8 and route.indices.shape[1] == int(route.n_active.max())
-    layer(torch.randn(50, 6))
-    assert widths and widths[0] < 8
-    # every kept weight is on a score >= delta; dropped slots have weight exactly 0
-    assert ((route.weights > 0).sum(-1) == route.n_active).all()
+    layer(x).sum().backward()
+    assert widths == [8]  # the kernel gets the static top-k list
+    # kept experts are a prefix of each token's list; every other slot has weight exactly 0
+    slot = torch.arange(8).expand(50, 8)
+    assert torch.equal(route.weights > 0, slot < route.n_active[:, None])
+    assert (route.weights[slot >= route.n_active[:, None]] == 0).all()
+
+
+@pytest.mark.parametrize("renorm,norm_grad", [(True, False), (False, False), (False, True)])
+def test_inactive_slots_contribute_nothing_to_outputs_and_gradients(renorm, norm_grad):
+    """The static-width route gives the outputs and gradients of the route cut to its active slots."""
+    grads = []
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 6)  # active counts [2, 3, 3, 2, 0, 1] of k = 6: 8 of 16 experts kept
+    for cut in (False, True):
+        layer = layer_with_experts(R=16, top_k=6, delta=0.3, renormalize=renorm, norm_grad=norm_grad)
+        x = x0.clone().requires_grad_(True)
+        h = layer.experts.scores_input(x)
+        route = layer.gate_cfg(h)
+        J = int(route.n_active.max()) if cut else route.indices.shape[1]  # the old cut (test side)
+        assert (J < 6) == cut
+        y = layer.experts(x, topk_indices=route.indices[:, :J], topk_weights=route.weights[:, :J], pre=h)
+        y.square().sum().backward()
+        grads.append((y.detach(), x.grad, layer.experts.more_A["0"].grad, layer.experts.more_B["0"].grad))
+        if not cut:  # an expert no token keeps gets exactly zero gradient (unless norm_grad)
+            kept = set(route.indices[route.weights > 0].tolist())
+            idle = [i for i in range(16) if i not in kept]
+            assert idle and (layer.experts.more_B["0"].grad[:, idle] == 0).all()
+            assert ((layer.experts.more_A["0"].grad[idle] == 0).all()) == (not norm_grad)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # same sums, zeros added in another order
+
+
+def test_no_kept_expert_gives_the_base_output_and_zero_gradient():
+    layer = layer_with_experts(R=8, top_k=3, delta=0.99)  # |s| <= 1: nothing passes 0.99 in practice
+    x = torch.randn(5, 6)
+    assert int(layer.gate_cfg(layer.experts.scores_input(x)).n_active.sum()) == 0
+    y = layer(x)
+    assert torch.equal(y, layer.experts.base_layer(x))
+    y.sum().backward()  # departure from the old cut: zero gradients rather than none
+    assert (layer.experts.more_A["0"].grad == 0).all() and (layer.experts.more_B["0"].grad == 0).all()
+    assert layer(torch.randn(2, 0, 6)).shape == (2, 0, 5)  # no tokens at all
+
+
+_HOST_READS = ("item", "tolist", "numpy", "cpu", "__int__", "__float__", "__index__", "__bool__")
+
+
+def _forbid_host_reads(monkeypatch, names=_HOST_READS):
+    """Makes every Python-level read of a tensor's value on the host raise."""
+    def make(name):
+        def refuse(self, *a, **k):
+            raise AssertionError(f"host sync: Tensor.{name} called in the MoRA forward")
+        return refuse
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, make(name))
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_gate_forward_has_no_host_sync(monkeypatch, renorm):
+    """No .item()/int()/bool()/tolist() of a device tensor in the gate or the layer's forward."""
+    layer = layer_with_experts(R=16, top_k=8, delta=0.3, renormalize=renorm)
+    x = torch.randn(2, 7, 6, requires_grad=True)
+    h = layer.experts.scores_input(x).reshape(-1, 16)
+    with monkeypatch.context() as m:
+        _forbid_host_reads(m)
+        route = layer.gate_cfg(h)
+    assert route.indices.shape == (14, 8)
+    with monkeypatch.context() as m:
+        # bool() stays allowed here: the kernels' index range checks run on CPU tensors only
+        _forbid_host_reads(m, tuple(n for n in _HOST_READS if n != "__bool__"))
+        for compute in ("gated", "dense"):
+            layer.compute = compute
+            layer(x).sum().backward()
+    assert layer.experts.more_B["0"].grad.abs().sum() > 0
 
 
 def test_norm_grad_option_controls_gradient_to_inactive_experts():
