@@ -92,16 +92,18 @@ def main() -> None:
         "startup_met": (ray["ray_startup_s"] or 0.0) < 15.0, "overhead_per_cell_s": overhead,
         "ray_cell_mean_s": ray["cells_sum_s"] / n, "sequential_cell_mean_s": best_seq["cells_sum_s"] / n,
     }
-    report = {"overrides": extra, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                          "load_before": load_before},
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+               "load_before": load_before}
+    report = {"overrides": extra, "machine": machine,
               "runs": [seq, seq1, ray], "summary": summary}
     print(f"{'mode':<20} {'wall s':>8} {'study s':>8} {'imports s':>9} {'ray.init s':>10} {'Σ cells s':>10}")
     for r in (seq, seq1, ray):
         init = f"{r['ray_startup_s']:.1f}" if r["ray_startup_s"] is not None else "-"
         print(f"{r['mode']:<20} {r['wall_s']:8.1f} {r['study_s']:8.1f} {r['import_s']:9.1f} {init:>10} "
               f"{r['cells_sum_s']:10.1f}")
-    print(f"ratio best sequential / ray = {ratio:.2f} (target >= 1.6: {'met' if summary['ratio_met'] else 'NOT met'}); "
-          f"ray.init {ray['ray_startup_s']:.1f} s (target < 15 s: {'met' if summary['startup_met'] else 'NOT met'}); "
+    met = {True: "met", False: "NOT met"}
+    print(f"ratio best sequential / ray = {ratio:.2f} (target >= 1.6: {met[summary['ratio_met']]}); "
+          f"ray.init {ray['ray_startup_s']:.1f} s (target < 15 s: {met[summary['startup_met']]}); "
           f"overhead per cell {overhead:.2f} s; load average before {load_before[0]:.2f}, "
           f"after {ray['load_after'][0]:.2f}")
     out = Path(args.out)

@@ -133,7 +133,8 @@ def test_baseline_group():
 
 # --- study files (strict) --------------------------------------------------------------------
 @pytest.mark.parametrize("body, match", [
-    ("study: {name: s, base: BASE, seed: [0]}", r"unknown key 'seed' in section 'study'.*valid keys:.*did you mean 'seeds'"),
+    ("study: {name: s, base: BASE, seed: [0]}",
+     r"unknown key 'seed' in section 'study'.*valid keys:.*did you mean 'seeds'"),
     ("study: {name: s, base: BASE}\nextra: 1", "unknown key 'extra' in section 'top level of a study file'"),
     ("study: {name: s, base: BASE, seeds: []}", "study.seeds must list at least one seed"),
     ("study: {name: s, base: BASE, seeds: [0, x]}", r"study.seeds\[1\]: expected an integer"),
@@ -146,7 +147,8 @@ def test_baseline_group():
     ("study: {name: s, base: BASE, workers: -1}", "study.workers must be >= 0"),
     ("study: {name: s, base: BASE, grid: {m: [{strategy.nmae: mos}]}}",
      r"cell strategy.nmae-mos__seed0: unknown key 'nmae' in section 'strategy'"),
-    ("study: {name: s, base: BASE, grid: {m: [{strategy.name: simplecil}, {strategy.name: finetune, strategy.epochs: x}]}}",
+    ("study: {name: s, base: BASE, grid: {m: [{strategy.name: simplecil},"
+     " {strategy.name: finetune, strategy.epochs: x}]}}",
      r"cell strategy.name-finetune_strategy.epochs-x__seed0: .*strategy.epochs: expected an integer"),
 ], ids=["typo", "top-level", "no-seeds", "bad-seed", "axis-not-list", "entry-not-mapping", "empty-axis",
         "missing-base", "no-name", "bad-name", "workers", "bad-key-in-cell", "bad-value-in-cell"])
