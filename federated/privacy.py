@@ -199,7 +199,8 @@ def check_delta(delta: float, n_examples: int, client_id: int | str) -> None:
                           f"has n_k={n_examples} examples (1/n_k={1 / n_examples:.3g}); lower dp.delta")
 
 
-def longer_history(a: list[tuple[float, float, int]], b: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+def longer_history(a: list[tuple[float, float, int]],
+                   b: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
     """The history that took more private steps (the node's copy and the client state should
     agree; after a lost state or a stale file the larger one is the conservative choice)."""
     return list(a) if sum(n for *_, n in a) >= sum(n for *_, n in b) else list(b)
