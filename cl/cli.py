@@ -4,7 +4,7 @@
 
     adaptsim run SCENARIO.yaml [--section.key=value ...]   # one run into runs/<name>/
     adaptsim run --resume RUN_DIR                          # continue a killed run
-    adaptsim study STUDY.yaml [--workers N] [--address ray://HOST:PORT|auto] [--key=value ...]
+    adaptsim study STUDY.yaml [--workers N] [--address HOST:PORT|ray://HOST:PORT|auto] [--key=value ...]
     adaptsim report DIR                                    # report.html of a run or study folder
     adaptsim list                                          # strategies, run kinds, scenarios
 
@@ -81,7 +81,7 @@ def _cmd_study(args: argparse.Namespace, rest: list[str]) -> int:
     from adaptsim.cl.study import run_study
 
     result = run_study(args.study, overrides=parse_overrides(rest), workers=args.workers,
-                       address=args.address, out_dir=args.out_dir)
+                       address=args.address, out_dir=args.out_dir, retry_failed=args.retry_failed)
     print(f"study folder: {result.study_dir}")
     print(result.table)
     if result.failed:
@@ -144,7 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None,
                    help="local Ray worker processes (default: study.workers); 0 runs in this process")
     s.add_argument("--address", default=None,
-                   help="an existing Ray cluster: ray://HOST:PORT or auto (default: start a local one)")
+                   help="an existing Ray cluster: HOST:PORT (the head's GCS port), ray://HOST:PORT (Ray "
+                        "Client) or auto (default: start a local one)")
+    s.add_argument("--retry-failed", action="store_true",
+                   help="run cells that failed twice once more (normally they are only reported)")
     s.add_argument("--out-dir", default=None, help="parent of the study folder (default: study.out_dir)")
     s.set_defaults(fn=_cmd_study)
     rep = sub.add_parser("report", help="write report.html for a run or study folder")

@@ -57,6 +57,7 @@ class RunKind:
         summary: ``metrics -> {name: float}``: the scalar results that studies aggregate.
         preprocess: ``(raw, overrides) -> raw``: applies the dotted overrides.
         threads_key: the dotted config key holding the run's CPU threads.
+        seed_keys: dotted config keys a study sets to the cell's seed (besides ``run.seed``).
         resumable: whether ``adaptsim run --resume`` works for this kind.
     """
 
@@ -70,6 +71,7 @@ class RunKind:
     summary: Callable[[Mapping[str, Any]], dict[str, float]] = lambda m: {}
     preprocess: Callable[[dict[str, Any], Mapping[str, Any]], dict[str, Any]] = field(default=_default_overrides)
     threads_key: str = "train.num_threads"
+    seed_keys: tuple[str, ...] = ()
     resumable: bool = True
 
 

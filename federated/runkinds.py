@@ -92,7 +92,8 @@ def register() -> None:
     from adaptsim.cl.runkinds import RunKind, register_run_kind
 
     common = dict(run=_run, label=lambda cfg: cfg.federated.method,
-                  summary=federated_summary, threads_key="federated.num_threads")
+                  summary=federated_summary, threads_key="federated.num_threads",
+                  seed_keys=("federated.seed",))
     register_run_kind(RunKind(
         name="federated",
         description="federated LoRA / FFA-LoRA on Flower (in-process, simulation engine, SuperLink), Opacus DP",

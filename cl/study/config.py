@@ -38,11 +38,6 @@ from adaptsim.cl.study.grid import Cell, baseline_group, build_cells
 __all__ = ["StudyConfig", "Study", "CellPlan", "load_study", "study_from_raw"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Keys that seed a run besides ``run.seed``, per kind. The federated kinds seed from
-# ``federated.seed``; until :class:`adaptsim.cl.runkinds.RunKind` names its seed key, it lives here.
-_SEED_KEYS = {"federated": ("federated.seed",), "fednano": ("federated.seed",)}
-
-
 def _check_overrides(where: str, entry: Any) -> None:
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where} must be a mapping of dotted overrides (key: value), got {entry!r}")
@@ -221,7 +216,7 @@ def study_from_raw(raw: Mapping[str, Any], source: str | Path, overrides: Mappin
         try:
             kind, probe = _cell_config(base_raw, {**common, **run}, str(base_path))
             defaults = {kind.threads_key: threads}
-            run.update({k: cell.seed for k in _SEED_KEYS.get(kind.name, ())})
+            run.update({k: cell.seed for k in kind.seed_keys})
             train = getattr(probe, "train", None)
             if train is not None and hasattr(train, "progress"):
                 defaults["train.progress"] = False
