@@ -14,12 +14,16 @@ The bank has no biases, so they are handled outside it:
 
 * ``b_down`` is the last column of the bank's ``A`` (the bank runs with ``dim_in = D + 1`` on
   ``[h, 1]``), which is exact and keeps the multi-adapter kernel path;
-* ``b_up`` is a separate ``ParameterDict`` gathered per sample.
+* ``b_up`` is a separate dict, a :class:`~adaptsim.strategies.adapters.params.KeyedBiasParams`
+  called with the samples' adapter ids.
 
 Routing is a context set by the strategy before a forward (:meth:`MOSAdapterLayer.route`): an
 adapter name (one adapter for the whole batch; dropout 0.1 applies in training mode, as in the
 official adapter) or a ``(B,)`` tensor of adapter ids (one batched pass, each sample with its
-own adapter, through ``AdapterBank.forward(x, adapter_ids=...)``).
+own adapter). Both run as an ``AdapterGate`` (SGMV) through the bank's parameter containers, a
+name being the id tensor with one value. Every trainable parameter thus belongs to a module that
+is called (``bank.mos_A``, ``bank.mos_B``, ``up_bias``), so Opacus computes exact per-sample
+gradients for MOS (grad samplers in :mod:`adaptsim.strategies.adapters.grad_samplers`).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import math
 import torch
 from torch import nn
 
-from adaptsim.kernels import DenseGate, rank_sparse_lora
+from adaptsim.kernels import AdapterGate
 from adaptsim.strategies.adapters import AdapterBank
+from adaptsim.strategies.adapters.params import KeyedBiasParams
 
 __all__ = ["MOSAdapterLayer", "ema_merge_"]
 
@@ -50,7 +55,7 @@ class MOSAdapterLayer(nn.Module):
         self.dim, self.rank, self.scale, self.dropout = dim, rank, float(scale), float(dropout)
         # (rank, D + 1) down weights with the down bias as last column; (D, rank) up weights.
         self.bank = AdapterBank(dim + 1, dim, rank, activation="relu", scale=scale, prefix="mos_")
-        self.up_bias = nn.ParameterDict()
+        self.up_bias = KeyedBiasParams()  # called with the samples' adapter ids (Opacus hooks it)
         # official merge mode only: snapshots of each set taken when it was stored (the official
         # code's prefix sums are built from these, while the stored sets themselves drift).
         self.snapshots = nn.ParameterDict()
@@ -113,19 +118,31 @@ class MOSAdapterLayer(nn.Module):
         if r is None:
             return torch.zeros_like(h)
         x1 = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)  # (B, T, D+1): bias column
-        if isinstance(r, str):
-            A, B, b = self.params(r)
-            gate = None
-            if self.training and self.dropout > 0:
-                keep = torch.rand(x1.shape[0] * x1.shape[1], self.rank, device=h.device) >= self.dropout
-                gate = DenseGate(keep.to(x1.dtype) / (1.0 - self.dropout))  # (B*T, rank) dropout mask
-            y = rank_sparse_lora(x1, A, B, scaling=self.scale, activation="relu", gate=gate,
-                                 backend=self.bank.backend)  # (B, T, D)
-            return y + self.scale * b
-        # per-sample adapter ids: one batched pass through the bank (no dropout: inference path)
-        y = self.bank(x1, adapter_ids=r)  # (B, T, D)
-        bias = torch.stack(list(self.up_bias.values()))[r]  # (B, D)
-        return y + self.scale * bias[:, None, :]
+        if isinstance(r, str):  # one adapter for the batch: the id tensor with one value
+            ids = torch.full((h.shape[0],), self.bank.index(r), dtype=torch.long, device=h.device)
+        else:
+            ids = r
+        if isinstance(r, str) and self.training and self.dropout > 0:
+            y = self._dropout_forward(x1, ids)
+        else:  # no dropout (the batched retrieval is an inference path)
+            y = self.bank(x1, adapter_ids=ids)  # (B, T, D)
+        return y + self.up_bias(ids, scale=self.scale)[:, None, :]
+
+    def _dropout_forward(self, x1: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``AdapterBank.forward(x1, adapter_ids=ids)`` with dropout on the bottleneck activations.
+
+        The mask multiplies ``pre`` between the bank's shrink and expand containers:
+        ``relu(pre * m) = relu(pre) * m`` for a mask ``m >= 0``, so this is dropout after the ReLU.
+        """
+        bank = self.bank
+        down, up = bank.mos_A, bank.mos_B  # the bank's called containers (prefix "mos_")
+        nb, nt = x1.shape[:2]
+        gate = AdapterGate(ids, self.rank, tokens_per_id=nt)
+        pre = down(x1, gate=gate, backend=bank.backend)  # (B, T, rank): each sample's adapter block
+        keep = torch.rand(nb * nt, self.rank, device=x1.device) >= self.dropout  # (B*T, rank)
+        pre = pre * (keep.to(pre.dtype) / (1.0 - self.dropout)).view(nb, nt, self.rank)
+        return up(x1, pre, A=down.stacked(), scaling=self.scale, activation="relu", gate=gate,
+                  backend=bank.backend)  # (B, T, D)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptsim.strategies.adapters import AdapterBank
+from adaptsim.strategies.adapters.params import BiasParams, RowParams
 
 __all__ = ["ErrorBuffer", "RepresentationDescriptor", "SEMALayer", "CosineHead"]
 
@@ -92,7 +93,9 @@ class SEMALayer(nn.Module):
     Forward: ``xbar = mean_tokens(h)``; ``w = softmax(xbar W_r^T + b_r [- rd_route_weight * z])``;
     output ``sum_k w_k f_k(h)`` through :class:`AdapterBank` (``weights=`` mixture path). Each
     router column is its own parameter so old columns freeze individually (the official code
-    concatenates them into one ``Linear`` at the end of a task: same function).
+    concatenates them into one ``Linear`` at the end of a task: same function). The columns
+    and biases live in containers that are called (``router_w(xbar)``, then ``router_b``), as
+    the bank's are, so Opacus computes exact per-sample gradients for the whole layer.
 
     Departure: the bank's adapters have no biases (the official ``Adapter`` has zero-initialised
     down/up biases); the kernel path has none.
@@ -109,8 +112,8 @@ class SEMALayer(nn.Module):
         self.dim, self.rd_dim, self.buffer_size = dim, rd_dim, buffer_size
         self.bank = AdapterBank(dim, dim, rank=bottleneck, activation="relu", prefix="sema_")
         self.rds = nn.ModuleList()
-        self.router_w = nn.ParameterList()  # one (1, D) column per adapter
-        self.router_b = nn.ParameterList()  # one (1,) bias per adapter
+        self.router_w = RowParams()  # one (1, D) column per adapter; called: xbar W^T
+        self.router_b = BiasParams()  # one (1,) bias per adapter; called: logits + b
         #: >0 (``router_fix``): subtract this times each trained RD's z-score from the logits.
         self.rd_route_weight = 0.0
         #: when True the forward stores ``last_errors`` (n, B) and ``last_xbar`` (B, D).
@@ -153,9 +156,7 @@ class SEMALayer(nn.Module):
 
     def router_weights(self, xbar: torch.Tensor, errors: torch.Tensor | None = None) -> torch.Tensor:
         """Mixture weights (B, n) from the token-mean ``xbar`` (B, D)."""
-        W = torch.cat(list(self.router_w), 0)  # (n, D)
-        b = torch.cat(list(self.router_b), 0)  # (n,)
-        logits = xbar @ W.T + b  # (B, n)
+        logits = self.router_b(self.router_w(xbar))  # (B, n) = xbar W^T + b
         if self.rd_route_weight > 0 and errors is not None:
             z = self.z_scores(errors).T  # (B, n); RDs still untrained (empty buffer) give 0
             logits = logits - self.rd_route_weight * z

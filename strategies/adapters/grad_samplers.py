@@ -21,6 +21,13 @@ layers) keep their parameters in two containers, :class:`~.params.DownParams` (c
 
 where ``e`` is one entry (one adapter of the bank, one expert group); with an ``AdapterGate``
 the rows of samples using another adapter are masked out.
+
+The small per-adapter containers next to a bank (SEMA's router, MOS's up biases) are linear in
+their parameters, with ``g`` the gradient of their output:
+
+    RowParams       y = x W^T:        grad_W_e[b] = sum_t g[b,t, e-slice]^T x[b,t]
+    BiasParams      y = y_in + b:     grad_b_e[b] = sum_t g[b,t, e-slice]
+    KeyedBiasParams y = s * b[ids]:   grad_b_e[b] = s * g[b] * [ids[b] == e]
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ from adaptsim.kernels.gates import adapter_ids_flat
 
 from .bottleneck import BottleneckAdapter
 from .lora import LoRALinear
-from .params import DownParams, UpParams
+from .params import BiasParams, DownParams, KeyedBiasParams, RowParams, UpParams
 
-__all__ = ["bottleneck_grad_sample", "down_params_grad_sample", "lora_linear_grad_sample", "register",
+__all__ = ["bias_params_grad_sample", "bottleneck_grad_sample", "down_params_grad_sample",
+           "keyed_bias_params_grad_sample", "lora_linear_grad_sample", "register", "row_params_grad_sample",
            "up_params_grad_sample"]
 
 
@@ -147,6 +155,47 @@ def up_params_grad_sample(layer: UpParams, activations: list[torch.Tensor],
     return out
 
 
+def _list_entries(layer: nn.ParameterList) -> list[tuple[nn.Parameter, int, int]]:
+    """``[(param, start, stop)]``: each block's slice of the output axis."""
+    out, off = [], 0
+    for p in layer:
+        out.append((p, off, off + p.shape[0]))
+        off += p.shape[0]
+    return out
+
+
+def row_params_grad_sample(layer: RowParams, activations: list[torch.Tensor],
+                           backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of the trainable row blocks of a :class:`RowParams`."""
+    x = _btd(activations[0])  # (B, T, in)
+    g = _btd(backprops)  # (B, T, n)
+    return {p: torch.einsum("btr,btk->brk", g[..., a:b].to(p.dtype), x.to(p.dtype))
+            for p, a, b in _list_entries(layer) if p.requires_grad}
+
+
+def bias_params_grad_sample(layer: BiasParams, activations: list[torch.Tensor],
+                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of the trainable bias blocks of a :class:`BiasParams`."""
+    g = _btd(backprops).sum(1)  # (B, n)
+    return {p: g[:, a:b].to(p.dtype) for p, a, b in _list_entries(layer) if p.requires_grad}
+
+
+def keyed_bias_params_grad_sample(layer: KeyedBiasParams, activations: list[torch.Tensor],
+                                  backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of the trainable biases of a :class:`KeyedBiasParams`.
+
+    An entry no sample of the batch picked gets a zero per-sample gradient (as autograd gives it
+    through the gather), so a DP optimiser finds a ``grad_sample`` on every trainable entry.
+    """
+    ids = activations[0].reshape(-1)  # (B,)
+    g = backprops.reshape(ids.shape[0], -1)  # (B, out)
+    out = {}
+    for e, p in enumerate(layer.values()):
+        if p.requires_grad:
+            out[p] = (layer.last_scale * g * (ids == e).to(g.dtype)[:, None]).to(p.dtype)
+    return out
+
+
 def register() -> bool:
     """Registers the grad samplers with Opacus; returns False if Opacus is not installed."""
     try:
@@ -157,4 +206,7 @@ def register() -> bool:
     register_grad_sampler(BottleneckAdapter)(bottleneck_grad_sample)
     register_grad_sampler(DownParams)(down_params_grad_sample)
     register_grad_sampler(UpParams)(up_params_grad_sample)
+    register_grad_sampler(RowParams)(row_params_grad_sample)
+    register_grad_sampler(BiasParams)(bias_params_grad_sample)
+    register_grad_sampler(KeyedBiasParams)(keyed_bias_params_grad_sample)
     return True

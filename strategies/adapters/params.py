@@ -13,6 +13,17 @@ each dict is called as a module:
 
 Their grad samplers are in :mod:`.grad_samplers`. Keys, parameter names and state dicts are
 those of a plain ``nn.ParameterDict``.
+
+Methods that keep small per-adapter pieces next to a bank use the same idea:
+
+* :class:`RowParams` (an ``nn.ParameterList`` of row blocks, e.g. SEMA's router columns)
+  ``x -> x W^T``;
+* :class:`BiasParams` (an ``nn.ParameterList`` of bias blocks, SEMA's router biases)
+  ``y -> y + b``;
+* :class:`KeyedBiasParams` (an ``nn.ParameterDict`` of per-adapter output biases, MOS's
+  ``b_up``) ``ids -> scale * b[ids]``, each sample's own adapter's bias.
+
+Their state dicts are those of the plain list / dict.
 """
 
 from __future__ import annotations
@@ -20,11 +31,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adaptsim.kernels import Gate, lora_shrink, rank_sparse_lora
 
-__all__ = ["DownParams", "UpParams"]
+__all__ = ["BiasParams", "DownParams", "KeyedBiasParams", "RowParams", "UpParams"]
 
 
 class DownParams(nn.ParameterDict):
@@ -76,3 +88,44 @@ class UpParams(nn.ParameterDict):
             y = base(x)
             return y + op(x.to(B.dtype), A, B, **kw).to(y.dtype)
         return op(x, A, B, base_weight=base.weight, base_bias=base.bias, **kw)
+
+
+class RowParams(nn.ParameterList):
+    """Row blocks ``[(n_i, in)]`` of one weight; calling it returns ``x W^T`` (..., n)."""
+
+    __call__ = nn.Module.__call__  # nn.ParameterList forbids calls; this container is a layer
+
+    def stacked(self) -> torch.Tensor:
+        """(n, in): the blocks stacked in order."""
+        return torch.cat(list(self), 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., n)."""
+        W = self.stacked()
+        return F.linear(x.to(W.dtype), W)
+
+
+class BiasParams(nn.ParameterList):
+    """Bias blocks ``[(n_i,)]``; calling it adds them to the last dim: ``y + b`` (..., n)."""
+
+    __call__ = nn.Module.__call__
+
+    def stacked(self) -> torch.Tensor:
+        """(n,): the blocks concatenated in order."""
+        return torch.cat(list(self), 0)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """y (..., n) -> y + b."""
+        return y + self.stacked().to(y.dtype)
+
+
+class KeyedBiasParams(nn.ParameterDict):
+    """Per-adapter output biases ``{key: (out,)}``; calling it picks each sample's bias."""
+
+    last_scale: float = 1.0
+    __call__ = nn.Module.__call__
+
+    def forward(self, ids: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        """``scale * b[ids]`` (B, out) for (B,) entry ids (positions in key order)."""
+        self.last_scale = float(scale)
+        return scale * torch.stack(list(self.values()))[ids]
