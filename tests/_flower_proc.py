@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import psutil
+import pytest
 
 from adaptsim.federated.config import load_fed_experiment
 from adaptsim.federated.flower_glue import launch_run_config
 
-# Small and quick: tiny random ViT on 16 px digits, IID split, 2 clients.
 # Small and quick: tiny random ViT on 16 px digits, IID split, 2 clients (the learning rates of
 # tests/test_fed_local_sim.py, where this model is known to learn in a few rounds).
 TINY = {"scenario": {"dataset": {"name": "digits"}},
@@ -20,9 +24,11 @@ TINY = {"scenario": {"dataset": {"name": "digits"}},
 
 
 def run_config(run_dir, round_timeout: float = 300.0, **federated) -> dict:
-    """Flat run_config of TINY with ``federated`` overrides, writing to ``run_dir``."""
+    """Flat run_config of TINY with ``federated`` overrides, writing to ``run_dir`` (and any other
+    run folder next to it: ``run.out_dir`` is ``run_dir``'s parent, e.g. under ``tmp_path``)."""
     raw = {k: dict(v) for k, v in TINY.items()}
     raw["federated"] = {**raw["federated"], **federated}
+    raw["run"] = {**raw["run"], "out_dir": str(Path(run_dir).parent)}
     cfg = load_fed_experiment(raw, "test")
     return launch_run_config(cfg, run_dir, round_timeout)
 
@@ -51,3 +57,18 @@ def tree(fed) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return pids
+
+
+@pytest.fixture
+def isolated_env(tmp_path, monkeypatch):
+    """Per-test ``ADAPTSIM_CACHE`` (under ``tmp_path``) and Ray temp dir, restored afterwards.
+
+    Set before a :class:`~adaptsim.federated.deploy.LocalFederation` is built (it copies the
+    environment). Ray's temp dir is a short folder under ``/tmp``: Ray puts Unix sockets in it,
+    whose paths must stay under 107 characters, which ``tmp_path`` can exceed.
+    """
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    monkeypatch.setenv("ADAPTSIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    yield {"cache": tmp_path / "cache", "ray_tmp": Path(ray_tmp)}
+    shutil.rmtree(ray_tmp, ignore_errors=True)
