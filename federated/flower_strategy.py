@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from adaptsim.federated.aggregation import fedavg
+from adaptsim.federated.privacy import mirror_epsilon, privacy_label
 from adaptsim.federated.comm import array_bytes
 from adaptsim.federated.flower_glue import arrays_to_record, record_to_arrays, write_rounds
 from adaptsim.federated.local_sim import sample_clients, save_checkpoint
@@ -110,7 +111,8 @@ class AdaptsimFedAvg(FedAvg):
             pid, n = int(met["partition-id"]), int(met["num-examples"])
             bytes_up += array_bytes(arrays)
             results.append((arrays, n))
-            self.epsilon[str(pid)] = float(met["epsilon"])
+            eps = float(met["epsilon"])  # with DP the audit value never drops below what was seen
+            self.epsilon[str(pid)] = mirror_epsilon(self.epsilon.get(str(pid)), eps) if fed.dp.enabled else eps
             if int(met["budget-spent"]):
                 spent.append(pid)
             elif n > 0:
@@ -134,7 +136,8 @@ class AdaptsimFedAvg(FedAvg):
         else:
             p = self._pending
             self.rounds.append({"round": server_round, "accuracy": ev["accuracy"], "loss": ev["loss"],
-                                "epsilon": dict(self.epsilon), "bytes_up": p["bytes_up"],
+                                "epsilon": dict(self.epsilon), "privacy": privacy_label(self.cfg.federated.dp),
+                                "bytes_up": p["bytes_up"],
                                 "bytes_down": p["bytes_down"], "seconds": time.perf_counter() - self._t0,
                                 "replies": p["replies"], "failures": p["failures"],
                                 "budget_spent": p["budget_spent"], "train_loss": p["train_loss"],

@@ -25,6 +25,7 @@ from adaptsim.cl.rundir import dumps_json, loads_json
 from adaptsim.federated.aggregation import fedavg
 from adaptsim.federated.comm import RoundTraffic
 from adaptsim.federated.config import FedExperimentConfig
+from adaptsim.federated.privacy import NodeDPStore, mirror_epsilon, privacy_label
 from adaptsim.federated.task import client_dataset, client_fit, evaluate, get_model, initial_arrays, load_data
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class RoundReplies:
         """Record client ``k``'s reply (``out`` arrays over ``n`` examples, metrics ``met``)."""
         self.traffic.sent_up(str(k), out)
         self.results.append((out, n))
-        last_eps[str(k)] = float(met["epsilon"])
+        last_eps[str(k)] = mirror_epsilon(last_eps.get(str(k)), float(met["epsilon"]))  # audit trail
         if met["budget_spent"]:
             self.spent.append(k)
         elif n > 0:
@@ -151,8 +152,10 @@ def run_inprocess(cfg: FedExperimentConfig, run_dir: Path | None = None, *, resu
             cid = str(k)
             replies.traffic.sent_down(cid, global_arrays)
             try:
+                store = (NodeDPStore(Path(run_dir) / "nodes" / cid, Path(run_dir).name, k)
+                         if run_dir is not None and fed.dp.enabled else None)
                 out, n, met, states[cid] = client_fit(model, global_arrays, parts[k], cfg, states[cid],
-                                                      client_id=k, round_idx=r)
+                                                      client_id=k, round_idx=r, node_store=store)
             except Exception:  # a crashed client is a failed reply, not a failed round
                 log.exception("round %d: client %d failed", r + 1, k)
                 replies.failures += 1
@@ -168,7 +171,7 @@ def run_inprocess(cfg: FedExperimentConfig, run_dir: Path | None = None, *, resu
                        "epsilon": dict(last_eps), **replies.traffic.totals(),
                        "seconds": time.perf_counter() - t0, "replies": len(replies.results),
                        "failures": replies.failures, "budget_spent": replies.spent,
-                       "train_loss": replies.train_loss})
+                       "train_loss": replies.train_loss, "privacy": privacy_label(fed.dp)})
         log.info("round %d/%d: accuracy %.4f, max epsilon %.3g, up %d B, down %d B, %.1f s",
                  r + 1, fed.rounds, ev["accuracy"], max(last_eps.values()), rounds[-1]["bytes_up"],
                  rounds[-1]["bytes_down"], rounds[-1]["seconds"])

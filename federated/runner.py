@@ -109,7 +109,7 @@ def write_fed_outputs(cfg: FedExperimentConfig, rounds: list[dict], run_dir: Pat
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run_dir = rd.path
     metrics = {"method": cfg.federated.method, "mode": cfg.federated.mode,
-               "config_hash": cfg.config_hash(), "rounds": rounds, "summary": summarize_rounds(rounds)}
+               "config_hash": cfg.config_hash(), "rounds": rounds, "summary": summarize_rounds(rounds, dp=cfg.federated.dp)}
     rd.write_metrics(metrics)
     if cfg.run.plots and rounds:
         from adaptsim.cl.plots import plot_curve

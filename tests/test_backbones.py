@@ -245,5 +245,6 @@ def test_config_validation(kwargs: dict[str, object], field: str) -> None:
 
 
 def test_unknown_name_lists_close_matches() -> None:
-    with pytest.raises(KeyError, match="vit_tiny_patch16_224"):
-        create_backbone(BackboneConfig(name="vit_tiny_patch16_22", pretrained=False))
+    # refused when the config is built, before any run folder exists
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224"):
+        BackboneConfig(name="vit_tiny_patch16_22", pretrained=False)

@@ -74,8 +74,8 @@ def test_run_folder_metrics_bytes_and_learning(tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    full = run_from_raw(_raw(tmp_path, name="full", dp={"epsilon": 5.0}))
-    cfg = load_fed_experiment(_raw(tmp_path, name="cut", dp={"epsilon": 5.0}))
+    full = run_from_raw(_raw(tmp_path, name="full", dp={"epsilon": 5.0, "reproducible": True}))
+    cfg = load_fed_experiment(_raw(tmp_path, name="cut", dp={"epsilon": 5.0, "reproducible": True}))
     part = run_fed(cfg, stop_after=1)
     assert not part.finished and json.loads((part.run_dir / "status.json").read_text())["status"] == "running"
     assert len(json.loads((part.run_dir / "metrics.json").read_text())["rounds"]) == 1
@@ -83,16 +83,20 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     a = [(r["accuracy"], r["epsilon"]) for r in full.metrics["rounds"]]
     b = [(r["accuracy"], r["epsilon"]) for r in resumed.metrics["rounds"]]
     assert a == b  # client DP states and global arrays came back from the checkpoint
+    # seeded noise is labelled in every round and the summary; each client's accountant is on its node
+    assert resumed.metrics["summary"]["privacy"] == "not private (reproducible noise)"
+    assert all(r["privacy"] == "not private (reproducible noise)" for r in resumed.metrics["rounds"])
+    assert sorted(p.parent.name for p in (part.run_dir / "nodes").glob("*/dp_*.json")) == ["0", "1", "2", "3"]
     assert all(0 < e <= 5.0 for e in resumed.metrics["rounds"][-1]["epsilon"].values() if e)
 
 
 def test_failed_client_does_not_fail_the_round(tmp_path, monkeypatch):
     real = local_sim.client_fit
 
-    def flaky(model, arrays, train, cfg, state, *, client_id, round_idx):
+    def flaky(model, arrays, train, cfg, state, *, client_id, round_idx, **kw):
         if client_id == 1:
             raise RuntimeError("client 1 crashed")
-        return real(model, arrays, train, cfg, state, client_id=client_id, round_idx=round_idx)
+        return real(model, arrays, train, cfg, state, client_id=client_id, round_idx=round_idx, **kw)
 
     monkeypatch.setattr(local_sim, "client_fit", flaky)
     cfg = load_fed_experiment(_raw(tmp_path, clients_per_round=4, rounds=1, min_replies=3))
