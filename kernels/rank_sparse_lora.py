@@ -26,6 +26,7 @@ from . import launch as kl
 from . import triton_kernels as tk
 from .gates import AdapterGate, DenseGate, Gate, TopKGate, adapter_ids_flat, gate_to_dense, lower_gate
 from .gathered import GatheredTopKFunction, use_gathered
+from .grouped import adapter_grouped_lora
 from .reference import ACTIVATIONS, rank_sparse_lora_ref
 from .segments import Segments, by_adapter, per_sample
 
@@ -323,8 +324,11 @@ def rank_sparse_lora(
     if use_ref or (base_weight is not None and not fused):
         kw = dict(scaling=scaling, activation=activation, gate=gate, down_bias=down_bias,
                   up_bias=up_bias, pre=pre)
-        d = (rank_sparse_lora_ref(x, A, B, **kw) if use_ref
-             else rank_sparse_lora(x, A, B, backend=backend, **kw))
+        if use_ref and isinstance(gate, AdapterGate):  # each token's own adapter only (CPU)
+            d = adapter_grouped_lora(x, A, B, **kw)
+        else:
+            d = (rank_sparse_lora_ref(x, A, B, **kw) if use_ref
+                 else rank_sparse_lora(x, A, B, backend=backend, **kw))
         if base_weight is None:
             return d
         return F.linear(x, base_weight.to(x.dtype), None if base_bias is None else base_bias.to(x.dtype)) + d

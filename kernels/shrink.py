@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from . import launch as kl
 from . import triton_kernels as tk
-from .gates import AdapterGate, Gate, adapter_ids_flat
+from .gates import AdapterGate, Gate
+from .grouped import adapter_grouped_shrink
 
 __all__ = ["lora_shrink"]
 
@@ -68,11 +69,9 @@ def lora_shrink(x: torch.Tensor, A: torch.Tensor, *, gate: Gate | None = None,
         return F.linear(x, A)
     lead, r = x.shape[:-1], int(gate.rank_per_adapter)
     x2 = x.reshape(-1, x.shape[-1])
-    m, n = x2.shape[0], A.shape[0] // r
+    m = x2.shape[0]
     if resolve_backend(backend, x) == "reference" or r > kl.MAX_SEG_RANK:
-        ids = adapter_ids_flat(gate, m, A.shape[0]).repeat_interleave(int(gate.tokens_per_id))
-        onehot = F.one_hot(ids.long(), n).to(x.dtype)  # (M, n)
-        pre = (F.linear(x2, A).view(m, n, r) * onehot[:, :, None]).sum(1)  # (M, r)
+        pre = adapter_grouped_shrink(x2, A, gate)  # (M, r): each token's own block only
     else:
         plan, _ = _plan(AdapterGate(gate.adapter_ids, r, None, gate.tokens_per_id), m, A.shape[0], x2.device)
         pre = _SegShrink.apply(x2 if x2.stride(-1) == 1 else x2.contiguous(), A, plan)
