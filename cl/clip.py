@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import adaptsim.cl.compat  # noqa: F401  (must run before open_clip imports torchvision)
-import torch
 from torch import Tensor, nn
 
 from adaptsim.cl.backbones import (OPEN_CLIP_PREFIX, OPEN_CLIP_TINY_NAME, Backbone, BackboneConfig,

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 from adaptsim.cl.backbones import BackboneConfig
-from adaptsim.cl.config import ConfigError
 from adaptsim.cl.data import DatasetConfig
 from adaptsim.cl.experiment import ExperimentBase, RunConfig
 from adaptsim.federated.fednano.config import FedNanoConfig

@@ -26,7 +26,7 @@ Departures / additions (the paper is silent or we had to choose):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any

@@ -4,13 +4,12 @@ vanilla LoRA's average of A and B does not reproduce mean(B_k A_k). A is bit-ide
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from adaptsim.federated.aggregation import delta_w, fedavg, mean_delta_w
 from adaptsim.federated.config import load_fed_experiment
 from adaptsim.federated.task import (build_model, client_dataset, client_fit, get_model,
-                                     initial_arrays, load_arrays, trainable_arrays)
+                                     initial_arrays, load_arrays)
 
 from _fed_common import TINY, _one_thread  # noqa: E402,F401  (autouse fixture)
 

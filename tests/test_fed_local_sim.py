@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from adaptsim.cl.config import ConfigError
 from adaptsim.federated import local_sim

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import (ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord,
+from flwr.app import (ConfigRecord, Context, Error, Message, Metadata, MetricRecord,
                       RecordDict)
 from flwr.common.config import flatten_dict
 

@@ -19,7 +19,6 @@ import pytest
 from adaptsim.cl.config import ConfigError
 from adaptsim.cl.rundir import RunDir, is_run_dir, loads_json
 from adaptsim.cl.study import load_study, run_study
-from adaptsim.cl.study.config import study_from_raw
 from adaptsim.cl.study.grid import MAX_NAME, baseline_group, build_cells, expand_grid, group_name
 
 ROOT = Path(__file__).resolve().parents[1]
