@@ -92,10 +92,8 @@ def _execute(kind: RunKind, cfg: Any, rd: RunDir, *, resume: bool, stop_after: i
 
 
 def _single_report(rd: RunDir) -> None:
-    try:
-        from adaptsim.cl.report import write_run_report
-    except ImportError:  # the report module is optional for a run
-        return
+    from adaptsim.cl.report import write_run_report
+
     write_run_report(rd.path)
 
 

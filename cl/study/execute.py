@@ -274,28 +274,6 @@ def _headline(summary: Mapping[str, Any], metrics: tuple[str, ...]) -> str:
 
 
 # --- the table -------------------------------------------------------------------------------
-def _fallback_table(study: Study, entries: dict[str, dict[str, Any]]) -> str:
-    """A minimal Markdown table (mean over seeds) for when the aggregator is not installed."""
-    import statistics
-
-    groups: dict[str, list[dict[str, float]]] = {}
-    for e in entries.values():
-        groups.setdefault(e["group"], [])
-        if e["status"] == FINISHED:
-            st = RunDir(study.study_dir / e["run_dir"]).status()
-            groups[e["group"]].append(st.get("summary") or {})
-    names = list(study.cfg.metrics) or list(dict.fromkeys(k for rows in groups.values() for r in rows for k in r))[:4]
-    lines = ["| group | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for g, rows in groups.items():
-        vals = []
-        for n in names:
-            xs = [r[n] for r in rows if isinstance(r.get(n), (int, float))]
-            vals.append(f"{statistics.fmean(xs):.4f}" if xs else "-")
-        mark = " (baseline)" if g == study.baseline_group else ""
-        lines.append(f"| {g}{mark} | {len(rows)} | " + " | ".join(vals) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def _failure_section(failed: list[tuple[str, str]]) -> str:
     lines = ["", "## Failed cells", "", "| cell | error |", "|---|---|"]
     lines += [f"| {name} | {(err or 'unknown error').splitlines()[0].replace('|', '/')} |" for name, err in failed]
@@ -303,21 +281,13 @@ def _failure_section(failed: list[tuple[str, str]]) -> str:
 
 
 def _finish_table(study: Study, entries: dict[str, dict[str, Any]], failed: list[tuple[str, str]]) -> str:
-    from importlib.util import find_spec
+    from adaptsim.cl.report import write_report
+    from adaptsim.cl.study.aggregate import aggregate_study
 
-    if find_spec("adaptsim.cl.study.aggregate") is not None:
-        from adaptsim.cl.study.aggregate import aggregate_study
-
-        table = aggregate_study(study.study_dir)["table"]
-    else:
-        table = _fallback_table(study, entries)
-        (study.study_dir / "study.md").write_text(table + (_failure_section(failed) if failed else ""))
+    table = aggregate_study(study.study_dir)["table"]
     if failed and not all(name in table for name, _ in failed):
         table = table.rstrip("\n") + "\n" + _failure_section(failed)
-    if find_spec("adaptsim.cl.report") is not None:
-        from adaptsim.cl.report import write_report
-
-        write_report(study.study_dir)
+    write_report(study.study_dir)
     return table
 
 
