@@ -147,7 +147,7 @@ class _Ray:
             warnings.simplefilter("ignore", FutureWarning)  # Ray's accelerator env-var notice
             try:
                 if address:
-                    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                    self._connect(ray, address)
                 else:
                     ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False,
                              logging_level=logging.WARNING, object_store_memory=RAY_OBJECT_STORE_BYTES)
@@ -159,6 +159,22 @@ class _Ray:
         where = f"cluster at {address}" if address else f"local Ray with {workers} workers x {threads} threads"
         log.info("study: %s ready in %.1f s", where, self.startup_s)
 
+
+    @staticmethod
+    def _connect(ray: Any, address: str, attempts: int = 3, wait_s: float = 5.0) -> None:
+        """``ray.init(address=...)``; a Ray Client (``ray://``) connection is retried a few times,
+        since its server answers "Initialization failure" while it is still starting a worker
+        for the previous driver on a busy machine."""
+        for i in range(attempts):
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                return
+            except ConnectionError:
+                if not address.startswith("ray://") or i == attempts - 1:
+                    raise
+                log.warning("study: Ray Client at %s not ready (attempt %d of %d); retrying in %.0f s",
+                            address, i + 1, attempts, wait_s)
+                time.sleep(wait_s)
     def run(self, payloads: list[dict[str, Any]], on_start) -> Iterator[dict[str, Any]]:
         ray = self.ray
         task = ray.remote(num_cpus=self.threads, max_retries=0)(run_cell)
