@@ -159,7 +159,6 @@ class _Ray:
         where = f"cluster at {address}" if address else f"local Ray with {workers} workers x {threads} threads"
         log.info("study: %s ready in %.1f s", where, self.startup_s)
 
-
     @staticmethod
     def _connect(ray: Any, address: str, attempts: int = 3, wait_s: float = 5.0) -> None:
         """``ray.init(address=...)``; a Ray Client (``ray://``) connection is retried a few times,
@@ -175,6 +174,7 @@ class _Ray:
                 log.warning("study: Ray Client at %s not ready (attempt %d of %d); retrying in %.0f s",
                             address, i + 1, attempts, wait_s)
                 time.sleep(wait_s)
+
     def run(self, payloads: list[dict[str, Any]], on_start) -> Iterator[dict[str, Any]]:
         ray = self.ray
         task = ray.remote(num_cpus=self.threads, max_retries=0)(run_cell)
