@@ -78,7 +78,10 @@ Gate = DenseGate | TopKGate | AdapterGate
 
 def _flat(t: torch.Tensor, m: int, trailing: int | None, what: str) -> torch.Tensor:
     """Flattens ``t`` to (M,) or (M, trailing) and checks its size."""
-    out = t.reshape(m, -1) if trailing is not None else t.reshape(-1)
+    if trailing is not None:
+        out = t.reshape(m, trailing if m == 0 else -1)  # -1 is ambiguous for zero tokens
+    else:
+        out = t.reshape(-1)
     if out.shape[0] != m or (trailing is not None and out.shape[1] != trailing):
         raise ValueError(f"{what} has shape {tuple(t.shape)}, incompatible with {m} tokens")
     return out

@@ -26,6 +26,8 @@ def _token_ids(gate: AdapterGate, m: int, R: int) -> torch.Tensor:
 def _groups(ids: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
     """(adapter id, its token rows) per adapter present; rows None when it is every token."""
     uniq = torch.unique(ids).tolist()
+    if not uniq:  # no tokens: one empty group, so the (0, ·) result stays on the autograd graph
+        return [(0, None)]
     if len(uniq) == 1:
         return [(int(uniq[0]), None)]
     return [(int(a), torch.nonzero(ids == a).squeeze(1)) for a in uniq]

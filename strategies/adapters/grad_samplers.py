@@ -32,6 +32,8 @@ their parameters, with ``g`` the gradient of their output:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -48,8 +50,8 @@ __all__ = ["bias_params_grad_sample", "bottleneck_grad_sample", "down_params_gra
 
 
 def _btd(t: torch.Tensor) -> torch.Tensor:
-    """(B, ..., D) -> (B, T, D)."""
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+    """(B, ..., D) -> (B, T, D); T is the product of the middle dims (so an empty batch works)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
 
 
 def lora_linear_grad_sample(layer: LoRALinear, activations: list[torch.Tensor],
@@ -62,7 +64,7 @@ def lora_linear_grad_sample(layer: LoRALinear, activations: list[torch.Tensor],
         x = _btd(activations[0]).to(A.dtype)  # (B, T, in)
         g = _btd(backprops)[..., start:stop].to(A.dtype)  # (B, T, n)
         nb, nt = x.shape[:2]
-        G = gate_to_dense(layer.last_gate, nb * nt, A.shape[0], x.device, x.dtype).view(nb, nt, -1)
+        G = gate_to_dense(layer.last_gate, nb * nt, A.shape[0], x.device, x.dtype).view(nb, nt, A.shape[0])
         h = torch.einsum("btk,rk->btr", x, A)  # (B, T, r)
         if B.requires_grad:
             out[B] = torch.einsum("btn,btr->bnr", g, layer.scaling * h * G)
@@ -147,7 +149,7 @@ def up_params_grad_sample(layer: UpParams, activations: list[torch.Tensor],
                 hw = h * (ids == a).to(h.dtype)[..., None]
                 out[p] = call["scaling"] * torch.einsum("btn,btr->bnr", g, hw)
         return out
-    G = gate_to_dense(gate, nb * nt, pre.shape[-1], pre.device, pre.dtype).view(nb, nt, -1)
+    G = gate_to_dense(gate, nb * nt, pre.shape[-1], pre.device, pre.dtype).view(nb, nt, pre.shape[-1])
     hw = call["scaling"] * h * G  # (B, T, R)
     for p, start, stop in _entries(layer, 1):
         if p.requires_grad:
@@ -188,7 +190,7 @@ def keyed_bias_params_grad_sample(layer: KeyedBiasParams, activations: list[torc
     through the gather), so a DP optimiser finds a ``grad_sample`` on every trainable entry.
     """
     ids = activations[0].reshape(-1)  # (B,)
-    g = backprops.reshape(ids.shape[0], -1)  # (B, out)
+    g = backprops.reshape(ids.shape[0], backprops.shape[-1])  # (B, out)
     out = {}
     for e, p in enumerate(layer.values()):
         if p.requires_grad:
