@@ -45,8 +45,8 @@ def _msg(content: RecordDict, mtype: str, dst: int = 5, mid: str = "m1") -> Mess
 # -- run_config <-> experiment ---------------------------------------------------------------
 def test_pyproject_declares_app_and_every_config_key():
     app = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "adaptsim.federated.server_app:app",
-                                 "clientapp": "adaptsim.federated.client_app:app"}
+    assert app["components"] == {"serverapp": "federated.fab_app:server_app",
+                                 "clientapp": "federated.fab_app:client_app"}  # see test_fab.py
     rc = _pyproject_run_config()
     cfg = experiment_from_run_config(rc)
     # every key there is an experiment field (kebab-case) or an engine key
