@@ -19,11 +19,15 @@ expandable layer not yet expanded in this task whose ``min_k mean_batch |z_k| > 
 (func then rd phase), freeze, keep scanning, and restart the scan after any expansion until a
 full pass adds nothing. With no expansion only the head trains.
 
+Reproduced from the official code by default, each with an option that turns it off:
+``buffer_record="functional"`` (RD buffers also record the untrained new RD's errors during the
+functional phase), ``adapter_bias`` (zero-initialised, trainable biases on the mixture adapters),
+``schedule_unit="epoch"`` (cosine schedules step once per epoch), ``buffer_fill="truncate"`` (the
+batch that first fills an RD buffer is cut to what fits).
+
 Departures (also in docs/methods/sema.md):
 * the scan runs under ``no_grad`` on the full network (official: with autograd, stopping at
   the expanding layer; same decisions);
-* RD buffers record errors during the RD phase only (official also records the untrained new
-  RD's errors during the functional phase; the RD phase overwrites most of them);
 * the RD phase and head-only phase train on pre-computed token means / features (the frozen
   network is deterministic here: no augmentation);
 * cross-entropy masks every class outside the current experience (official: classes of past
@@ -65,7 +69,9 @@ class SEMAConfig(BaseStrategyConfig):
         lr: functional-phase learning rate (``init_lr`` 0.005).
         batch_size: training batch size (32).
         weight_decay: SGD weight decay of both phases (5e-4).
-        optimizer: ``sgd`` (official, momentum 0.9, cosine schedule).
+        optimizer: ``sgd`` (official, momentum 0.9, cosine schedule to 0, official ``min_lr`` 0).
+        schedule_unit: ``epoch`` (official ``CosineAnnealingLR(T_max=epochs)`` stepped once per
+            epoch) or ``step`` (the cosine decays every optimiser step), for every SEMA phase.
         rd_epochs: RD-phase epochs (``rd_epoch`` 20).
         rd_lr: RD-phase learning rate (0.01).
         expand_from: first expandable block as a fraction of depth (floor; 0.75 -> block 9 of 12).
@@ -76,6 +82,14 @@ class SEMAConfig(BaseStrategyConfig):
         exp_threshold: expansion threshold on the z statistic (2 for CIFAR/IN-R, 1 for IN-A/VTAB).
         detect_batch_size: batch size of the expansion scan (128).
         shallow_adapters: give non-expandable blocks a task-1-only adapter (official code).
+        adapter_bias: zero-initialised, trainable down and up biases on the expandable layers'
+            adapters (official ``Adapter``); ``False`` = bias-free bank adapters (needed under
+            Opacus: the up biases have no grad sampler).
+        buffer_record: when the RD error buffers record: ``functional`` (official: in every
+            training-mode forward, so also the untrained new RD's errors during the functional
+            phase, then during the RD phase) or ``rd`` (the RD phase only).
+        buffer_fill: ``truncate`` (official ``Records``: the batch that first fills a buffer is
+            cut to what fits) or ``newest`` (that batch is kept whole, the oldest values roll out).
         router_fix: fix for the router imbalance (SEMA-CL issue #1): subtract
             ``router_fix_weight`` times each trained RD's z-score from its router logit, so the
             never-trained first column still routes and new columns cannot take over old data.
@@ -96,6 +110,7 @@ class SEMAConfig(BaseStrategyConfig):
     batch_size: int = 32
     weight_decay: float = 5e-4
     optimizer: str = "sgd"
+    schedule_unit: str = "epoch"
     rd_epochs: int = 20
     rd_lr: float = 0.01
     expand_from: float = 0.75
@@ -106,6 +121,9 @@ class SEMAConfig(BaseStrategyConfig):
     exp_threshold: float = 2.0
     detect_batch_size: int = 128
     shallow_adapters: bool = True
+    adapter_bias: bool = True
+    buffer_record: str = "functional"
+    buffer_fill: str = "truncate"
     router_fix: bool = False
     router_fix_weight: float = 1.0
     detect_stat: str = "sample_z"
@@ -135,14 +153,20 @@ class SEMAConfig(BaseStrategyConfig):
             raise ValueError("router_fix_weight must be > 0")
         if self.detect_stat not in ("sample_z", "mean_z"):
             raise ValueError(f"detect_stat must be 'sample_z' or 'mean_z', got {self.detect_stat!r}")
+        if self.schedule_unit not in ("step", "epoch"):
+            raise ValueError(f"schedule_unit must be 'step' or 'epoch', got {self.schedule_unit!r}")
+        if self.buffer_record not in ("functional", "rd"):
+            raise ValueError(f"buffer_record must be 'functional' or 'rd', got {self.buffer_record!r}")
+        if self.buffer_fill not in ("truncate", "newest"):
+            raise ValueError(f"buffer_fill must be 'truncate' or 'newest', got {self.buffer_fill!r}")
         if self.head not in ("linear", "cosine"):
             raise ValueError(f"head must be 'linear' or 'cosine', got {self.head!r}")
 
 
 def expandable_range(depth: int, expand_from: float, expand_to: float) -> range:
     """Block indices of the expandable layers for a backbone of ``depth`` blocks."""
-    start = min(int(math.floor(expand_from * depth + 1e-9)), depth - 1)
-    end = max(int(math.ceil(expand_to * depth - 1e-9)), start + 1)
+    start = min(math.floor(expand_from * depth + 1e-9), depth - 1)
+    end = max(math.ceil(expand_to * depth - 1e-9), start + 1)
     return range(start, end)
 
 
@@ -189,7 +213,8 @@ class SEMA(Strategy):
 
         def make(i: int) -> nn.Module | None:
             if i in self.expandable:
-                layer = SEMALayer(dim, config.bottleneck, config.rd_dim, config.buffer_size)
+                layer = SEMALayer(dim, config.bottleneck, config.rd_dim, config.buffer_size,
+                                  bias=config.adapter_bias, truncate=config.buffer_fill == "truncate")
                 layer.rd_route_weight = config.router_fix_weight if config.router_fix else 0.0
                 self.layers[str(i)] = layer
                 return layer
@@ -257,7 +282,8 @@ class SEMA(Strategy):
                                   lambda f, y: self._masked_ce(self.head(f), y, mask),
                                   TensorDataset(feats, exp.train.y.to(self.device)), self.config.epochs,
                                   self.config.lr, self.config.batch_size, optimizer=self.config.optimizer,
-                                  weight_decay=self.config.weight_decay, seed=self._seed()))
+                                  weight_decay=self.config.weight_decay,
+                                  schedule_unit=self.config.schedule_unit, seed=self._seed()))
         for layer in self.layers.values():
             layer.freeze_all()
         self.shallow.requires_grad_(False)
@@ -276,9 +302,17 @@ class SEMA(Strategy):
             params += self._layer(i).new_params("func")
         if first:
             params += list(self.shallow.parameters())
-        stats = fit(Phase("sema_func", params, lambda x, y: self._masked_ce(self.head(self.backbone(x)), y, mask),
-                          exp.train, cfg.epochs, cfg.lr, cfg.batch_size, optimizer=cfg.optimizer,
-                          weight_decay=cfg.weight_decay, seed=self._seed()))
+        record = cfg.buffer_record == "functional"  # official: the untrained new RDs record too
+        for i in self.expandable:
+            self._layer(i).record = record
+        try:
+            stats = fit(Phase("sema_func", params,
+                              lambda x, y: self._masked_ce(self.head(self.backbone(x)), y, mask),
+                              exp.train, cfg.epochs, cfg.lr, cfg.batch_size, optimizer=cfg.optimizer,
+                              weight_decay=cfg.weight_decay, schedule_unit=cfg.schedule_unit, seed=self._seed()))
+        finally:
+            for i in self.expandable:
+                self._layer(i).record = False
         _, xbars = self._pass(exp.train.x, layers)
         rds = [self._layer(i).rds[-1] for i in layers]
         data = TensorDataset(torch.stack(xbars, 1), exp.train.y.to(self.device))  # (N, L, D)
@@ -293,7 +327,7 @@ class SEMA(Strategy):
 
         rd_params = [p for rd in rds for p in rd.parameters()]
         rd_stats = fit(Phase("sema_rd", rd_params, rd_loss, data, cfg.rd_epochs, cfg.rd_lr, cfg.batch_size,
-                             optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, seed=self._seed()))
+                             optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, schedule_unit=cfg.schedule_unit, seed=self._seed()))
         return {**stats, "rd_loss": rd_stats["loss"]}
 
     def detect(self, x: torch.Tensor) -> tuple[int | None, dict[int, float]]:
@@ -361,7 +395,8 @@ class SEMA(Strategy):
         data = TensorDataset(xs.reshape(-1, feats.shape[1]), ys.reshape(-1))
         seen = self.seen_mask()
         fit(Phase("sema_ca", list(self.head.parameters()), lambda f, t: self._masked_ce(self.head(f), t, seen),
-                  data, 1, self.config.ca_lr, 64, optimizer="sgd", seed=self._seed()))
+                  data, 1, self.config.ca_lr, 64, optimizer="sgd",
+                  schedule_unit=self.config.schedule_unit, seed=self._seed()))
 
     # -- inference and state -------------------------------------------------------------------
     @torch.no_grad()
