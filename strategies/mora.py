@@ -10,17 +10,25 @@ Per task, every wrapped linear layer gets ``experts_per_task`` new rank-1 expert
 ``b_i a_i`` (A random, B zero) and the earlier ones are frozen. Each token activates its own
 experts from the activations ``a_i . x`` (no router, no task id), see
 :mod:`adaptsim.strategies.mora_gate`. The loss is cross-entropy only (no extra regulariser,
-as in the paper).
+as in the paper). The default gate is the paper's literal equation (``gate="paper"``: softmax
+over all experts, then the top-k / threshold mask, no renormalisation, delta scale 1).
 
 Departures / additions (the paper is silent or we had to choose):
 
-* Classifier for timm backbones: a linear head with CE over the seen classes (PILOT masking);
-  the paper only uses CLIP text embeddings (``classifier="text"``, also supported).
+* Classifier: the paper scores against frozen CLIP text embeddings (``head="clip_text"``, open_clip
+  backbones). Offline, ``head="prototype"`` (default) stands in for it: a frozen cosine head on
+  class prototypes of the frozen pretrained features, each fixed when its class first appears
+  (:mod:`adaptsim.strategies.components.proto_head`). ``head="linear"`` (a trainable head, the
+  earlier default) stays as an option; it forgets like head fine-tuning in class-incremental order.
 * The CLIP text tower is never adapted; class-name embeddings are computed once.
 * open_clip's ``nn.MultiheadAttention`` is replaced by an exactly equivalent module with
   ``nn.Linear`` ``qkv``/``proj`` so that the attention projections can carry experts.
-* ``scaling`` defaults to ``top_k``, so uniform weights over k experts equal a plain rank-k LoRA
-  sum (the mixture weights sum to 1 after renormalisation; see the "output fading" pitfall).
+* ``gate="renorm"`` (the earlier default): softmax over the kept experts only, delta scale
+  ``top_k``, so uniform weights over k experts equal a plain rank-k LoRA sum.
+* Gate statistics (:mod:`adaptsim.strategies.mora_stats`): after each task, on up to
+  ``gate_probe`` test images of every task seen so far (read for statistics only, never for
+  training or prediction), the share of top-k slots per expert group, key norms per group and
+  the fraction of tokens with no active expert go to ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -38,26 +46,33 @@ from torch import nn
 from adaptsim.cl.scenarios import Experience
 from adaptsim.cl.train import FitFn, Phase
 from adaptsim.strategies.base import BaseStrategyConfig, Strategy, register_strategy
+from adaptsim.strategies.components.proto_head import FrozenPrototypeHead, add_frozen_prototypes
 from adaptsim.strategies.mora_gate import (
     COMPUTE_MODES,
     SCORE_MODES,
-    MoRALinear,
     SelfActivationGate,
     inject_mora,
     replace_clip_attention,
 )
+from adaptsim.strategies.mora_stats import ActiveRankStats, gate_statistics
 
-__all__ = ["MoRA", "MoRAConfig", "ActiveRankStats", "TextClassifier"]
+__all__ = ["GATES", "HEADS", "ActiveRankStats", "MoRA", "MoRAConfig", "TextClassifier"]
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIERS = ("linear", "text")
+HEADS = ("prototype", "clip_text", "linear")
+GATES = ("paper", "renorm")
 LOSS_CLASSES = ("seen", "current")
+
+
+def default_loss_classes(head: str) -> str:
+    """CE over the current experience's classes for frozen heads, over the seen ones for ``linear``."""
+    return "seen" if head == "linear" else "current"
 
 
 @dataclass(frozen=True)
 class MoRAConfig(BaseStrategyConfig):
-    """MoRA settings (defaults are ours: the paper gives no values).
+    """MoRA settings (defaults are ours where the paper gives no values).
 
     Attributes:
         experts_per_task: new rank-1 experts per wrapped layer per task (default 8).
@@ -66,28 +81,37 @@ class MoRAConfig(BaseStrategyConfig):
         delta: threshold mask ``s_i >= delta`` (default 0.0: with signed scores, experts whose
             key is anti-aligned with the input are dropped).
         score: ``"signed"`` (the paper's ``a_i . x``, default) or ``"abs"`` (``|a_i . x|``).
-        renormalize: softmax over the kept experts only (default ``True``); ``False`` zeroes the
-            dropped experts of a softmax over all experts (outputs fade as experts accumulate).
-        norm_grad: backpropagate through the layer-wide score normaliser (default ``False``:
-            an expert gets gradient only from tokens that activate it).
-        scaling: delta scale; ``None`` (default) = ``top_k``.
+        gate: ``"paper"`` (default): ``w = softmax(s / tau)`` over **all** experts of the layer,
+            multiplied by the top-k and ``s >= delta`` masks, not renormalised, delta scale 1
+            (the paper's equations). ``"renorm"``: softmax over the kept experts only (weights
+            sum to 1) and delta scale ``top_k`` (the earlier adaptsim default).
+        norm_grad: backpropagate through the layer-wide score normaliser and the softmax
+            partition (default ``False``: an expert gets gradient only from tokens that activate it).
+        scaling: delta scale; ``None`` (default) = 1 for ``gate="paper"``, ``top_k`` for ``"renorm"``.
         targets: name suffixes of the ``nn.Linear``s to wrap. Default: timm ViT ``qkv``,
             ``proj`` (attention) and ``fc1``, ``fc2`` (MLP); open_clip ``qkv``, ``proj`` (after
             the attention swap) and ``c_fc``, ``c_proj`` (MLP).
         compute: ``"gated"`` (the kernel's top-k path, default) or ``"dense"`` (dense masked
             LoRA, same numbers, cost proportional to all experts).
-        classifier: ``"linear"`` head (default) or ``"text"`` (CLIP text embeddings of the class
-            names, open_clip backbones only; unseen classes stay scorable: zero-shot).
-        loss_classes: classes in the CE softmax: ``"seen"`` (default, PILOT) or ``"current"``
-            (the experience's own classes, the MTIL convention).
-        text_template: prompt for ``classifier="text"``; ``{}`` is the class name without the
+        head: ``"prototype"`` (default): frozen cosine head on class prototypes of the frozen
+            pretrained features (adapters off), each fixed when its class first appears, the
+            offline stand-in for CLIP's frozen text head; ``"clip_text"``: CLIP text embeddings
+            of the class names (open_clip backbones; unseen classes stay scorable, zero-shot);
+            ``"linear"``: a trainable linear head at learning rate ``lr``.
+        head_scale: logit scale of the prototype head (default 100, CLIP's ``exp(logit_scale)``).
+        loss_classes: classes in the CE softmax: ``"seen"`` (PILOT), ``"current"`` (the
+            experience's own classes, MTIL) or ``None`` (default) = ``"current"`` for the frozen
+            heads (``prototype``, ``clip_text``), ``"seen"`` for ``linear``.
+        text_template: prompt for ``head="clip_text"``; ``{}`` is the class name without the
             ``"domain:"`` prefix of multi-domain streams.
-        clip_pretrained_tag: open_clip tag of the text tower rebuilt for ``classifier="text"``
+        clip_pretrained_tag: open_clip tag of the text tower rebuilt for ``head="clip_text"``
             when no ``clip`` is passed to the strategy (``None`` = random text tower).
         seed: optional seed of the experts' initialisation (``None`` = the run's RNG).
-        expert_lr: learning rate of the experts (default 1e-3); ``lr`` is the head's. With
+        expert_lr: learning rate of the experts (default 1e-3); ``lr`` is the linear head's. With
             ``lr`` = 0.01 on the experts of all 48 linears of a pretrained ViT-S, the features
             collapsed to one point within one task (measured), hence the separate, lower rate.
+        gate_probe: test images per task kept for the gate statistics (default 64; 0 = no gate
+            statistics). They are read after training only and never change training or predictions.
     """
 
     lr: float = 0.01
@@ -97,17 +121,19 @@ class MoRAConfig(BaseStrategyConfig):
     tau: float = 0.1
     delta: float = 0.0
     score: str = "signed"
-    renormalize: bool = True
+    gate: str = "paper"
     norm_grad: bool = False
     scaling: float | None = None
     targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2", "c_fc", "c_proj")
     compute: str = "gated"
-    classifier: str = "linear"
-    loss_classes: str = "seen"
+    head: str = "prototype"
+    head_scale: float = 100.0
+    loss_classes: str | None = None
     text_template: str = "a photo of a {}."
     clip_pretrained_tag: str | None = None
     seed: int | None = None
     expert_lr: float = 1e-3
+    gate_probe: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -123,23 +149,41 @@ class MoRAConfig(BaseStrategyConfig):
             raise ValueError(f"delta must be in [-1, 1] (scores are L2-normalised), got {self.delta}")
         if self.score not in SCORE_MODES:
             raise ValueError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.scaling is not None and self.scaling <= 0:
             raise ValueError(f"scaling must be > 0 or None, got {self.scaling}")
         if not self.targets:
             raise ValueError("targets must name at least one module suffix")
         if self.compute not in COMPUTE_MODES:
             raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {self.compute!r}")
-        if self.classifier not in CLASSIFIERS:
-            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
-        if self.loss_classes not in LOSS_CLASSES:
-            raise ValueError(f"loss_classes must be one of {LOSS_CLASSES}, got {self.loss_classes!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head_scale <= 0:
+            raise ValueError(f"head_scale must be > 0, got {self.head_scale}")
+        if self.loss_classes is not None and self.loss_classes not in LOSS_CLASSES:
+            raise ValueError(f"loss_classes must be one of {LOSS_CLASSES} or null, got {self.loss_classes!r}")
         if "{}" not in self.text_template:
             raise ValueError(f"text_template must contain '{{}}', got {self.text_template!r}")
+        if self.gate_probe < 0:
+            raise ValueError(f"gate_probe must be >= 0, got {self.gate_probe}")
 
-    def gate(self) -> SelfActivationGate:
+    @property
+    def resolved_scaling(self) -> float:
+        """The delta scale: ``scaling``, else 1 (paper gate) or ``top_k`` (renorm gate)."""
+        if self.scaling is not None:
+            return float(self.scaling)
+        return float(self.top_k) if self.gate == "renorm" else 1.0
+
+    @property
+    def resolved_loss_classes(self) -> str:
+        """``loss_classes``, else the head's default (:func:`default_loss_classes`)."""
+        return self.loss_classes or default_loss_classes(self.head)
+
+    def self_activation_gate(self) -> SelfActivationGate:
         """The :class:`SelfActivationGate` of these settings."""
         return SelfActivationGate(top_k=self.top_k, tau=self.tau, delta=self.delta, score=self.score,
-                                  renormalize=self.renormalize, norm_grad=self.norm_grad)
+                                  renormalize=self.gate == "renorm", norm_grad=self.norm_grad)
 
 
 class TextClassifier(nn.Module):
@@ -160,55 +204,6 @@ class TextClassifier(nn.Module):
         return self.logit_scale * F.normalize(feats, dim=-1) @ self.text_emb.t()
 
 
-class ActiveRankStats:
-    """Collects active-expert counts per token and per image during evaluation."""
-
-    def __init__(self, top_k: int) -> None:
-        self.top_k = top_k
-        self.names: dict[int, str] = {}  # id(layer) -> qualified name
-        self.reset()
-
-    def reset(self) -> None:
-        self.hist = torch.zeros(self.top_k + 1, dtype=torch.long)  # (token, layer) pairs by count
-        self.per_layer: dict[str, list[float]] = {}  # name -> [sum, count]
-        self.per_image: list[torch.Tensor] = []
-        self._batch: list[torch.Tensor] = []
-
-    def __call__(self, layer: MoRALinear, n_active: torch.Tensor) -> None:
-        """Recorder hook of :class:`MoRALinear`; n_active is (B, ...) for one forward."""
-        n = n_active.detach().cpu()
-        self.hist += torch.bincount(n.reshape(-1), minlength=self.top_k + 1)[: self.top_k + 1]
-        acc = self.per_layer.setdefault(self.names.get(id(layer), "?"), [0.0, 0.0])
-        acc[0] += float(n.sum())
-        acc[1] += n.numel()
-        self._batch.append(n.reshape(n.shape[0], -1).float().mean(1) if n.dim() else n.float().reshape(1))
-
-    def end_batch(self) -> None:
-        """Closes one predict call: the per-image mean over tokens and layers."""
-        if self._batch and all(b.shape == self._batch[0].shape for b in self._batch):
-            self.per_image.append(torch.stack(self._batch).mean(0))
-        self._batch = []
-
-    def summary(self) -> dict[str, Any]:
-        total = int(self.hist.sum())
-        if total == 0:
-            return {}
-        ks = torch.arange(self.top_k + 1, dtype=torch.float64)
-        p = self.hist.double() / total
-        mean = float((p * ks).sum())
-        out: dict[str, Any] = {
-            "mean_per_token": mean,
-            "std_per_token": float(((p * (ks - mean) ** 2).sum()).sqrt()),
-            "hist_per_token": {str(k): int(c) for k, c in enumerate(self.hist.tolist())},
-            "mean_per_layer": {k: v[0] / max(v[1], 1) for k, v in self.per_layer.items()},
-        }
-        if self.per_image:
-            img = torch.cat(self.per_image)
-            q = torch.quantile(img, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=img.dtype))
-            out["per_image_mean_quantiles"] = dict(zip(["min", "p10", "p50", "p90", "max"], q.tolist()))
-        return out
-
-
 @register_strategy("mora", MoRAConfig)
 class MoRA(Strategy):
     """Self-activated sparse mixture of rank-1 LoRA experts (see module docstring).
@@ -223,22 +218,21 @@ class MoRA(Strategy):
         **kw: forwarded to :class:`~adaptsim.strategies.base.Strategy`.
 
     Raises:
-        ValueError: ``classifier="text"`` on a non-open_clip backbone.
+        ValueError: ``head="clip_text"`` on a non-open_clip backbone.
     """
 
     SUPPORTED_SCENARIOS = frozenset({"class_incremental", "domain_incremental", "multi_domain"})
 
     def __init__(self, config: MoRAConfig, backbone, info, *, clip: Any = None, **kw) -> None:
         super().__init__(config, backbone, info, **kw)
-        if config.classifier == "text" and backbone.kind != "open_clip":
-            raise ValueError("classifier='text' needs an open_clip backbone "
-                             f"(got {backbone.kind!r}); use classifier='linear'")
+        if config.head == "clip_text" and backbone.kind != "open_clip":
+            raise ValueError("head='clip_text' needs an open_clip backbone "
+                             f"(got {backbone.kind!r}); use head='prototype' or 'linear'")
         if backbone.kind == "open_clip":
             n = replace_clip_attention(backbone.model)
             logger.info("replaced %d open_clip attention modules by LinearSelfAttention", n)
-        scaling = float(config.top_k if config.scaling is None else config.scaling)
-        layers = inject_mora(backbone.model, config.targets, config.gate(), scaling=scaling,
-                             compute=config.compute, seed=config.seed)
+        layers = inject_mora(backbone.model, config.targets, config.self_activation_gate(),
+                             scaling=config.resolved_scaling, compute=config.compute, seed=config.seed)
         self.layers = nn.ModuleDict({k.replace(".", "_"): v for k, v in layers.items()}).to(self.device)
         # checkpointed: the experts only, not the wrapped (frozen) backbone weights
         self.experts = nn.ModuleDict({k: nn.ModuleDict({"A": v.experts.more_A, "B": v.experts.more_B})
@@ -246,8 +240,12 @@ class MoRA(Strategy):
         self.stats = ActiveRankStats(config.top_k)
         self.stats.names = {id(v): k for k, v in layers.items()}
         self.history: list[dict[str, Any]] = []
-        if config.classifier == "text":
+        self.gate_history: list[dict[str, Any]] = []
+        self._probes: list[torch.Tensor] = []  # gate_probe test images per task (statistics only)
+        if config.head == "clip_text":
             self.head: nn.Module = self._text_head(clip).to(self.device)
+        elif config.head == "prototype":
+            self.head = FrozenPrototypeHead(backbone.embed_dim, info.n_classes, config.head_scale).to(self.device)
         else:
             self.head = nn.Linear(backbone.embed_dim, info.n_classes).to(self.device)
 
@@ -271,7 +269,7 @@ class MoRA(Strategy):
         bb, cfg = self.backbone, self.config
         if bb.name == "open_clip_tiny":
             blk = bb.blocks[0]
-            heads = getattr(blk.attn, "num_heads")
+            heads = blk.attn.num_heads
             bcfg = BackboneConfig(name=bb.name, img_size=bb.img_size, tiny_dim=bb.token_dim,
                                   tiny_depth=len(bb.blocks), tiny_heads=heads,
                                   tiny_patch=bb.model.conv1.kernel_size[0])
@@ -281,14 +279,14 @@ class MoRA(Strategy):
             bcfg = BackboneConfig(name=bb.name, img_size=bb.img_size, pretrained=cfg.clip_pretrained_tag is not None,
                                   pretrained_tag=cfg.clip_pretrained_tag)
             if cfg.clip_pretrained_tag is None:
-                logger.warning("classifier='text' with clip_pretrained_tag=None: random text tower")
+                logger.warning("head='clip_text' with clip_pretrained_tag=None: random text tower")
         return create_clip(bcfg)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
     def _class_mask(self, exp_classes: Sequence[int]) -> torch.Tensor:
-        if self.config.loss_classes == "seen":
+        if self.config.resolved_loss_classes == "seen":
             return self.seen_mask()
         mask = torch.zeros(self.info.n_classes, dtype=torch.bool, device=self.device)
         mask[torch.as_tensor(list(exp_classes), device=self.device)] = True
@@ -298,6 +296,9 @@ class MoRA(Strategy):
     def train_experience(self, exp: Experience, fit: FitFn) -> dict[str, float]:
         self.begin_experience(exp)
         cfg = self.config
+        if cfg.head == "prototype":  # new classes' rows, on the frozen backbone (experts off)
+            self.backbone.eval()
+            add_frozen_prototypes(self.head, self.backbone, exp.train.x, exp.train.y)
         for layer in self.layers.values():
             layer.add_experts(cfg.experts_per_task)  # freezes earlier tasks' experts
         mask = self._class_mask(exp.classes)
@@ -306,7 +307,7 @@ class MoRA(Strategy):
             return F.cross_entropy(self._logits(x).masked_fill(~mask, float("-inf")), y)
 
         params = [{"params": [p for p in self.experts.parameters() if p.requires_grad], "lr": cfg.expert_lr}]
-        head = [p for p in self.head.parameters() if p.requires_grad]  # none for the text head
+        head = [p for p in self.head.parameters() if p.requires_grad]  # none for the frozen heads
         if head:
             params.append({"params": head, "lr": cfg.lr})
         stats = fit(Phase("mora", params, loss_fn, exp.train, cfg.epochs, cfg.lr, cfg.batch_size,
@@ -314,8 +315,25 @@ class MoRA(Strategy):
         if self.stats.hist.sum():  # stats of the evaluation after the previous experience
             self.history.append({"after_experience": self.experiences_seen - 1, **self.stats.summary()})
         self.stats.reset()
+        if cfg.gate_probe:
+            self._probes.append(exp.test.x[: cfg.gate_probe])
+            self.gate_history.append({"after_experience": self.experiences_seen, **self._gate_stats()})
         self.end_experience()
         return stats
+
+    def _gate_stats(self) -> dict[str, Any]:
+        """Gate statistics of the current experts on every seen task's probe images."""
+        was = self.backbone.training
+        self.backbone.eval()
+        try:
+            return gate_statistics(list(self.layers.values()), self.backbone, self._probes, self.device)
+        finally:
+            self.backbone.train(was)
+
+    def on_resume(self, past: list[Experience]) -> None:
+        """Rebuilds the gate-statistics probes (never checkpointed) from the past experiences."""
+        n = self.config.gate_probe
+        self._probes = [e.test.x[:n] for e in past] if n else []
 
     # -- inference -----------------------------------------------------------------------------
     @contextmanager
@@ -333,8 +351,10 @@ class MoRA(Strategy):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.recording():
             logits = self._logits(x.to(self.device))
-        if self.config.classifier == "text":
+        if self.config.head == "clip_text":
             return logits  # every class stays scorable: zero-shot on unseen domains (X-TAIL)
+        if self.config.head == "prototype":
+            return logits  # classes without a prototype (not seen yet) already score -inf
         return self.mask_unseen(logits)
 
     # -- state ---------------------------------------------------------------------------------
@@ -342,7 +362,8 @@ class MoRA(Strategy):
         return {"head": self.head, "experts": self.experts}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"groups": {k: v.group_sizes() for k, v in self.layers.items()}, "history": list(self.history)}
+        return {"groups": {k: v.group_sizes() for k, v in self.layers.items()}, "history": list(self.history),
+                "gate_history": list(self.gate_history)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         for name, sizes in state["groups"].items():
@@ -352,6 +373,7 @@ class MoRA(Strategy):
             for n in sizes[len(layer.group_sizes()):]:
                 layer.add_experts(int(n))
         self.history = list(state.get("history", []))
+        self.gate_history = list(state.get("gate_history", []))
 
     def run_metrics(self) -> dict[str, Any]:
         any_layer = next(iter(self.layers.values()))
@@ -360,4 +382,12 @@ class MoRA(Strategy):
             "experts_per_layer": any_layer.n_experts,
             "active_ranks": self.stats.summary(),
             "active_ranks_history": self.history,
+            "gate": self.config.gate,
+            "scaling": self.config.resolved_scaling,
+            "gate_stats": self.gate_history,
         }
+
+
+# Registers MoRA's fair LoRA baseline ``mora_lora`` (it takes a MoRAConfig, so it imports this
+# module). Belongs in ``strategies/__init__.py`` next to ``mora``; here until that file imports it.
+from adaptsim.strategies import mora_lora as _mora_lora  # noqa: F401

@@ -71,7 +71,8 @@ class SelfActivationGate:
 
     ``s_i = f(a_i . x) / sqrt(sum_j (a_j . x)^2)`` with ``f`` = identity (``"signed"``, the
     paper's equation) or ``abs``; keep the ``top_k`` largest scores, then those with
-    ``s_i >= delta``; weights ``softmax(s / tau)``.
+    ``s_i >= delta``; weights ``softmax(s / tau)`` over all experts, masked to the kept ones
+    (the paper, default) or renormalised over the kept ones.
 
     Attributes:
         top_k: activation budget per token (clipped to the number of experts).
@@ -79,9 +80,9 @@ class SelfActivationGate:
         delta: threshold on the normalised score (in [-1, 1]); with signed scores, ``0``
             drops experts whose key is anti-aligned with the input.
         score: ``"signed"`` or ``"abs"``.
-        renormalize: ``True``: the softmax runs over the kept experts only (weights sum to 1);
-            ``False``: the softmax runs over all experts and the dropped ones are zeroed
-            (weights sum to < 1, and shrink as experts accumulate).
+        renormalize: ``False`` (default, the paper's equation): the softmax runs over all
+            experts and the dropped ones are zeroed (weights sum to < 1, and shrink as experts
+            accumulate); ``True``: the softmax runs over the kept experts only (weights sum to 1).
         norm_grad: let gradients flow through the layer-wide quantities (the L2 norm over all
             experts, and the softmax partition over all experts when not renormalising).
             ``False`` (default) treats them as constants in backward, so an expert gets gradient
@@ -92,7 +93,7 @@ class SelfActivationGate:
     tau: float = 0.1
     delta: float = 0.0
     score: str = "signed"
-    renormalize: bool = True
+    renormalize: bool = False
     norm_grad: bool = False
 
     def __post_init__(self) -> None:
@@ -144,8 +145,9 @@ class MoRALinear(nn.Module):
         seed: optional seed of the experts' A initialisation.
 
     Attributes:
-        recorder: optional callable ``recorder(layer, n_active)`` receiving (..., ) active
-            counts (leading dims of the input) on every forward; ``None`` = off.
+        recorder: optional callable ``recorder(layer, route, h)`` called on every forward with
+            the :class:`Route` (``n_active`` shaped like the input's leading dims) and the raw
+            activations ``h`` (M, R) (:mod:`adaptsim.strategies.mora_stats`); ``None`` = off.
     """
 
     def __init__(self, base: nn.Linear, gate: SelfActivationGate, *, scaling: float = 1.0,
@@ -161,6 +163,11 @@ class MoRALinear(nn.Module):
     @property
     def n_experts(self) -> int:
         return self.experts.n_experts
+
+    @property
+    def base_layer(self) -> nn.Linear:
+        """The wrapped frozen linear (what :func:`~adaptsim.strategies.components.proto_head.adapters_off` swaps in)."""
+        return self.experts.base_layer
 
     def group_sizes(self) -> list[int]:
         """Number of experts in each task's group, in order."""
@@ -181,7 +188,7 @@ class MoRALinear(nn.Module):
             return ex.base_layer(x)
         route = self.gate_cfg(h)  # static width k, no host sync
         if self.recorder is not None:
-            self.recorder(self, route.n_active.reshape(lead))
+            self.recorder(self, route._replace(n_active=route.n_active.reshape(lead)), h)
         if self.compute == "gated":
             J = route.indices.shape[-1]
             return ex(x, topk_indices=route.indices.reshape(*lead, J),

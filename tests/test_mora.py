@@ -256,7 +256,7 @@ def test_open_clip_tiny_text_classifier():
     stream = build_stream("class_incremental", ClassIncrementalArgs(
         dataset=DatasetConfig(name="synthetic", train_per_class=8, test_per_class=4), initial_increment=3, increment=3))
     info = StreamInfo(stream.kind, stream.n_classes, stream.class_names, len(stream))
-    mora = MoRA(MoRAConfig(**FAST, classifier="text", loss_classes="current"), clip.backbone, info, clip=clip)
+    mora = MoRA(MoRAConfig(**FAST, head="clip_text", loss_classes="current"), clip.backbone, info, clip=clip)
     names = sorted(mora.layers)
     assert any(n.endswith("attn_qkv") for n in names) and any(n.endswith("mlp_c_fc") for n in names)
     with torch.no_grad():
@@ -268,15 +268,15 @@ def test_open_clip_tiny_text_classifier():
 
 
 @pytest.mark.parametrize("field,value", [("top_k", 0), ("tau", 0.0), ("delta", 2.0), ("score", "sign"),
-                                         ("compute", "fast"), ("classifier", "proto"), ("experts_per_task", 0)])
+                                         ("compute", "fast"), ("head", "proto"), ("experts_per_task", 0)])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MoRAConfig(**{field: value})
 
 
 def test_text_classifier_needs_open_clip(stream):
-    with pytest.raises(ValueError, match="classifier"):
-        make(stream, tiny_vit(), classifier="text")
+    with pytest.raises(ValueError, match="head"):
+        make(stream, tiny_vit(), head="clip_text")
 
 
 def test_layer_runs_on_the_triton_gated_kernel():
