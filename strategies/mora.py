@@ -56,11 +56,12 @@ from adaptsim.strategies.mora_gate import (
 )
 from adaptsim.strategies.mora_stats import ActiveRankStats, gate_statistics
 
-__all__ = ["GATES", "HEADS", "ActiveRankStats", "MoRA", "MoRAConfig", "TextClassifier"]
+__all__ = ["ADAPTERS", "GATES", "HEADS", "ActiveRankStats", "MoRA", "MoRAConfig", "TextClassifier"]
 
 logger = logging.getLogger(__name__)
 
 HEADS = ("prototype", "clip_text", "linear")
+ADAPTERS = ("experts", "lora")
 GATES = ("paper", "renorm")
 LOSS_CLASSES = ("seen", "current")
 
@@ -112,6 +113,12 @@ class MoRAConfig(BaseStrategyConfig):
             collapsed to one point within one task (measured), hence the separate, lower rate.
         gate_probe: test images per task kept for the gate statistics (default 64; 0 = no gate
             statistics). They are read after training only and never change training or predictions.
+        adapter: ``"experts"`` (default: MoRA) or ``"lora"``: MoRA's fair baseline from the same
+            settings, one sequential LoRA on the same ``targets`` with the same total rank
+            (``experts_per_task * n_experiences``), head, ``lr`` and ``expert_lr``
+            (:mod:`adaptsim.strategies.mora_lora`); the gate fields are then unused. An option
+            rather than another strategy name because ``--strategy.name=X`` starts X from its
+            defaults, which would drop the YAML's settings that the baseline must share.
     """
 
     lr: float = 0.01
@@ -134,6 +141,7 @@ class MoRAConfig(BaseStrategyConfig):
     seed: int | None = None
     expert_lr: float = 1e-3
     gate_probe: int = 64
+    adapter: str = "experts"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -165,6 +173,8 @@ class MoRAConfig(BaseStrategyConfig):
             raise ValueError(f"loss_classes must be one of {LOSS_CLASSES} or null, got {self.loss_classes!r}")
         if "{}" not in self.text_template:
             raise ValueError(f"text_template must contain '{{}}', got {self.text_template!r}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
         if self.gate_probe < 0:
             raise ValueError(f"gate_probe must be >= 0, got {self.gate_probe}")
 
@@ -217,11 +227,21 @@ class MoRA(Strategy):
             ``encode_text`` and ``clip.logit_scale``) whose text tower builds the text classifier.
         **kw: forwarded to :class:`~adaptsim.strategies.base.Strategy`.
 
+    With ``config.adapter == "lora"`` the constructor returns MoRA's LoRA baseline
+    (:class:`~adaptsim.strategies.mora_lora.MoRALoRA`) instead.
+
     Raises:
         ValueError: ``head="clip_text"`` on a non-open_clip backbone.
     """
 
     SUPPORTED_SCENARIOS = frozenset({"class_incremental", "domain_incremental", "multi_domain"})
+
+    def __new__(cls, config: MoRAConfig, *args: Any, **kw: Any) -> Any:
+        if cls is MoRA and config.adapter == "lora":
+            from adaptsim.strategies.mora_lora import MoRALoRA
+
+            return MoRALoRA(config, *args, **kw)  # not a MoRA: MoRA.__init__ does not run
+        return super().__new__(cls)
 
     def __init__(self, config: MoRAConfig, backbone, info, *, clip: Any = None, **kw) -> None:
         super().__init__(config, backbone, info, **kw)
@@ -387,7 +407,3 @@ class MoRA(Strategy):
             "gate_stats": self.gate_history,
         }
 
-
-# Registers MoRA's fair LoRA baseline ``mora_lora`` (it takes a MoRAConfig, so it imports this
-# module). Belongs in ``strategies/__init__.py`` next to ``mora``; here until that file imports it.
-from adaptsim.strategies import mora_lora as _mora_lora  # noqa: F401

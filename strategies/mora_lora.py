@@ -1,9 +1,10 @@
-"""``mora_lora``: MoRA's fair baseline, one plain LoRA derived from a MoRA config.
+"""MoRA's fair baseline (``strategy.adapter: lora``): one plain LoRA derived from a MoRA config.
 
 The comparison the MoRA paper makes is "sparse self-activated rank-1 experts vs one LoRA". For
 it to be fair the LoRA must sit on the same layers with the same total rank, and both must get
-the same head treatment. ``mora_lora`` takes a :class:`~adaptsim.strategies.mora.MoRAConfig`
-(so the same YAML and the same overrides drive both) and runs sequential LoRA fine-tuning
+the same head treatment. ``MoRA(config)`` with ``config.adapter == "lora"`` builds
+:class:`MoRALoRA` from the same :class:`~adaptsim.strategies.mora.MoRAConfig` (so the same YAML
+and the same overrides drive both; the registry name stays ``mora``) and it runs sequential LoRA fine-tuning
 (:class:`~adaptsim.strategies.finetune.Finetune`, ``mode="lora"``) with the config of
 :func:`lora_baseline_config`:
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adaptsim.strategies.base import StreamInfo, register_strategy
+from adaptsim.strategies.base import StreamInfo
 from adaptsim.strategies.finetune import Finetune, FinetuneConfig
 from adaptsim.strategies.mora import MoRAConfig
 
@@ -35,7 +36,7 @@ def lora_baseline_config(cfg: MoRAConfig, n_experiences: int) -> FinetuneConfig:
         ValueError: ``head="clip_text"`` (the baseline has no text head).
     """
     if cfg.head == "clip_text":
-        raise ValueError("mora_lora supports head 'prototype' or 'linear', not 'clip_text'")
+        raise ValueError("adapter='lora' supports head 'prototype' or 'linear', not 'clip_text'")
     rank = cfg.experts_per_task * max(1, n_experiences)
     return FinetuneConfig(mode="lora", epochs=cfg.epochs, batch_size=cfg.batch_size,
                           weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, lr=cfg.expert_lr,
@@ -43,7 +44,6 @@ def lora_baseline_config(cfg: MoRAConfig, n_experiences: int) -> FinetuneConfig:
                           head=cfg.head, head_scale=cfg.head_scale, loss_classes=cfg.resolved_loss_classes)
 
 
-@register_strategy("mora_lora", MoRAConfig)
 class MoRALoRA(Finetune):
     """Sequential LoRA with MoRA's layers, total rank, head and learning rates.
 
@@ -53,11 +53,14 @@ class MoRALoRA(Finetune):
         backbone, info, **kw: as :class:`Finetune`.
     """
 
+    name = "mora"
+    config_cls = MoRAConfig
+
     def __init__(self, config: MoRAConfig, backbone: Any, info: StreamInfo, **kw: Any) -> None:
         self.mora_config = config
         super().__init__(lora_baseline_config(config, info.n_experiences), backbone, info, **kw)
 
     def run_metrics(self) -> dict[str, Any]:
         c = self.config
-        return {"lora_rank": c.rank, "lora_alpha": c.alpha, "lora_targets": list(c.targets),
+        return {"adapter": "lora", "lora_rank": c.rank, "lora_alpha": c.alpha, "lora_targets": list(c.targets),
                 "n_layers": len(self.lora), "head": c.head}

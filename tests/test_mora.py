@@ -23,7 +23,7 @@ from adaptsim.strategies.mora_gate import (
     replace_clip_attention,
 )
 
-FAST = dict(epochs=1, batch_size=16, lr=0.01, experts_per_task=4, top_k=4, seed=0)
+FAST = {"epochs": 1, "batch_size": 16, "lr": 0.01, "experts_per_task": 4, "top_k": 4, "seed": 0}
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -21,7 +22,7 @@ from adaptsim.strategies.mora_gate import MoRALinear, Route, SelfActivationGate
 from adaptsim.strategies.mora_lora import MoRALoRA, lora_baseline_config
 from adaptsim.strategies.mora_stats import GateStats
 
-FAST = dict(epochs=1, batch_size=16, experts_per_task=4, top_k=4, seed=0, expert_lr=0.05)
+FAST = {"epochs": 1, "batch_size": 16, "experts_per_task": 4, "top_k": 4, "seed": 0, "expert_lr": 0.05}
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +157,8 @@ def test_paper_gate_weights_are_the_masked_full_softmax():
 def test_mora_lora_same_layers_total_rank_head_and_lrs(stream):
     cfg = MoRAConfig(**{**FAST, "lr": 0.02, "expert_lr": 0.003})
     mora = MoRA(cfg, tiny_vit(), info_of(stream))
-    base = MoRALoRA(cfg, tiny_vit(), info_of(stream))
-    assert get_strategy("mora_lora") == (MoRAConfig, MoRALoRA)
+    base = MoRA(dataclasses.replace(cfg, adapter="lora"), tiny_vit(), info_of(stream))
+    assert type(base) is MoRALoRA and get_strategy("mora") == (MoRAConfig, MoRA)
     assert sorted(base.lora) == sorted(mora.layers)  # the same wrapped linears
     ft = base.config
     assert ft.rank == 4 * 3 and ft.alpha == 12.0 and next(iter(base.lora.values())).rank == 12
@@ -165,7 +166,8 @@ def test_mora_lora_same_layers_total_rank_head_and_lrs(stream):
     phases = []
     base.train_experience(stream[0], spy_fit(phases))
     assert set(phases[0].lrs.values()) == {0.003} and phases[0].epochs == cfg.epochs  # LoRA at expert_lr, no head params
-    lin = MoRALoRA(MoRAConfig(**{**FAST, "head": "linear", "lr": 0.02, "expert_lr": 0.003}), tiny_vit(), info_of(stream))
+    lin = MoRA(MoRAConfig(**{**FAST, "head": "linear", "lr": 0.02, "expert_lr": 0.003, "adapter": "lora"}),
+               tiny_vit(), info_of(stream))
     phases.clear()
     lin.train_experience(stream[0], spy_fit(phases))
     by_param = phases[0].lrs
@@ -251,7 +253,8 @@ def test_gate_stats_reach_metrics_json(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("gate", "soft"), ("head", "text"), ("head_scale", 0.0),
-                                         ("gate_probe", -1), ("loss_classes", "all")])
+                                         ("gate_probe", -1), ("loss_classes", "all"),
+                                         ("adapter", "lora_baseline")])
 def test_new_fields_are_validated(field, value):
     with pytest.raises(ValueError, match=field):
         MoRAConfig(**{field: value})
