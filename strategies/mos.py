@@ -25,15 +25,18 @@ initial task; the head on that task's features re-predicts the task until it is 
 
 Departures (each also stated where it happens):
 
-* ``merge_mode="paper"`` (default) merges once per optimiser step and never changes stored sets.
-  ``merge_mode="official"`` reproduces the official code, which also merges inside every forward
-  pass: before each block, all layers of the set in use are merged once more (L merges per
-  forward); in evaluation this drifts the *stored* sets 1..t (their targets are the snapshots
-  taken when they were stored, the official prefix sums); the class statistics are taken under a
-  separate "carry" copy of the current set that drifts the same way and seeds the next task.
-* Cosine learning-rate schedules step per optimiser step (official: per epoch).
-* Classifier alignment draws all ``crct_epochs`` epochs of Gaussian samples up front and runs
-  them as one phase of the same number of steps (official: fresh samples each epoch, same count).
+* ``merge_mode="official"`` (default) reproduces the official code, which also merges inside
+  every forward pass: before each block, all layers of the set in use are merged once more (L
+  merges per forward); in evaluation this drifts the *stored* sets 1..t (their targets are the
+  snapshots taken when they were stored, the official prefix sums); the class statistics are
+  taken under a separate "carry" copy of the current set that drifts the same way and seeds the
+  next task. ``merge_mode="paper"`` (option) merges once per optimiser step, as the paper
+  describes, and never changes stored sets.
+* Cosine schedules step once per epoch (``schedule_unit="epoch"``, official); ``step`` decays them
+  every optimiser step. The head starts as timm's (trunc-normal std 0.02, zero bias:
+  ``head_init="timm"``, official, whose head is the one timm builds); ``torch`` = ``nn.Linear``'s.
+* Classifier alignment draws all ``crct_epochs`` epochs of Gaussian samples up front (official:
+  at the start of each epoch); each epoch still trains on its own fresh samples.
 * Gaussian sampling uses a float64 Cholesky factor (official: float32 ``MultivariateNormal``),
   which avoids failures when a class has fewer samples than feature dimensions.
 * The ``multi-centroid`` statistics option of the official code is not implemented.
@@ -65,8 +68,13 @@ __all__ = ["MOS", "MOSConfig"]
 
 @dataclass(frozen=True)
 class MOSConfig(BaseStrategyConfig):
-    """MOS settings. Defaults are the official CIFAR-100 B0 Inc5 values (``exps/mos_cifar.json``);
-    the tiny offline scenarios (``scenarios/split_mnist_mos.yaml``) scale epochs down.
+    """MOS settings. Every default is the official code's (``exps/mos_cifar.json``, CIFAR-100 B0
+    Inc5, and the code's fixed constants): ``merge_mode`` official, per-epoch cosine, timm head
+    init, the official budgets. The options that are not official: ``merge_mode="paper"``,
+    ``schedule_unit="step"``, ``head_init="torch"``, ``retrieval`` ``batched``/``lazy`` (same
+    predictions as the official ``loop``, faster; ``lazy`` only with ``paper``), and
+    ``ca_samples_per_class``/``eval_batch_size`` when set. The tiny offline scenarios
+    (``scenarios/split_mnist_mos.yaml``) scale the budgets down and say so.
 
     Attributes:
         epochs: adapter training epochs per task (official ``tuned_epoch`` 20).
@@ -81,7 +89,13 @@ class MOSConfig(BaseStrategyConfig):
         reg: weight of the orthogonality loss (0.1).
         orth_temperature: divisor of the orthogonality Gram matrix (0.8).
         adapter_momentum: merge weight beta (0.1); 0 disables merging.
-        merge_mode: ``paper`` (one merge per step, stored sets immutable) or ``official``.
+        merge_mode: ``official`` (default: the official code's merges inside every forward,
+            which also drift stored sets at evaluation) or ``paper`` (one merge per optimiser
+            step, stored sets immutable).
+        schedule_unit: ``epoch`` (official ``CosineAnnealingLR(T_max=epochs)`` stepped per epoch,
+            for the adapter phase and the alignment) or ``step`` (cosine decays every step).
+        head_init: ``timm`` (official: trunc-normal std 0.02, zero bias, as timm initialises the
+            ViT head the official code trains) or ``torch`` (``nn.Linear``'s Kaiming-uniform).
         crct_epochs: classifier-alignment epochs (30); 0 disables alignment.
         ca_lr: classifier-alignment learning rate (0.005).
         ca_samples_per_class: Gaussian samples per class per alignment epoch; ``None`` means
@@ -107,7 +121,9 @@ class MOSConfig(BaseStrategyConfig):
     reg: float = 0.1
     orth_temperature: float = 0.8
     adapter_momentum: float = 0.1
-    merge_mode: str = "paper"
+    merge_mode: str = "official"
+    schedule_unit: str = "epoch"
+    head_init: str = "timm"
     crct_epochs: int = 30
     ca_lr: float = 0.005
     ca_samples_per_class: int | None = None
@@ -121,6 +137,10 @@ class MOSConfig(BaseStrategyConfig):
         super().__post_init__()
         if self.merge_mode not in ("paper", "official"):
             raise ValueError(f"merge_mode must be 'paper' or 'official', got {self.merge_mode!r}")
+        if self.schedule_unit not in ("step", "epoch"):
+            raise ValueError(f"schedule_unit must be 'step' or 'epoch', got {self.schedule_unit!r}")
+        if self.head_init not in ("timm", "torch"):
+            raise ValueError(f"head_init must be 'timm' or 'torch', got {self.head_init!r}")
         if self.retrieval not in RETRIEVAL_MODES:
             raise ValueError(f"retrieval must be one of {RETRIEVAL_MODES}, got {self.retrieval!r}")
         if self.merge_mode == "official" and self.retrieval == "lazy":
@@ -172,6 +192,9 @@ class MOS(MOSStatsMixin, Strategy):
         wrappers = wrap_blocks_with_parallel_adapter(backbone, list(range(len(backbone.blocks))), make)
         self.layers.to(self.device).eval()
         self.head = nn.Linear(dim, info.n_classes).to(self.device)
+        if config.head_init == "timm":  # timm's ViT head init (trunc_normal_ std .02, zero bias)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
         self.prototypes = CosinePrototypeClassifier(dim, info.n_classes).to(self.device)
         self.cls2task = torch.full((info.n_classes,), -1, dtype=torch.long, device=self.device)
         self.class_means: dict[int, torch.Tensor] = {}
@@ -252,7 +275,7 @@ class MOS(MOSStatsMixin, Strategy):
         try:
             stats = fit(Phase("mos_adapters", groups, loss_fn, exp.train, cfg.epochs, cfg.lr,
                               cfg.batch_size, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                              after_step=after_step, seed=t))
+                              schedule_unit=cfg.schedule_unit, after_step=after_step, seed=t))
         finally:
             self.layers.eval()
         for layer in self.layers:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from adaptsim.cl.scenarios import Experience
 from adaptsim.cl.train import FitFn, Phase
 from adaptsim.strategies.mos_retrieval import MOSRetrievalMixin, multi_adapter_features
 
-__all__ = ["MOSStatsMixin", "gaussian_samples"]
+__all__ = ["EpochSamples", "MOSStatsMixin", "gaussian_samples"]
 
 _COV_EPS = 1e-4  # official: torch.cov(...) + 1e-4 * I
 
@@ -82,9 +82,12 @@ class MOSStatsMixin(MOSRetrievalMixin):
     def _align_classifier(self, fit: FitFn) -> dict[str, float]:
         """Re-trains the head on Gaussian samples of every seen class (official classifier alignment).
 
-        ``crct_epochs`` epochs of ``ca_samples_per_class`` samples per class are drawn up front and
-        run as one phase with batches of ``ca_samples_per_class`` (the official batch), i.e. the
-        official number of steps (``crct_epochs * n_seen_classes``); CE over seen classes.
+        ``crct_epochs`` epochs of ``ca_samples_per_class`` samples per class are drawn up front,
+        in batches of ``ca_samples_per_class`` (the official batch), i.e. the official number of
+        steps (``crct_epochs * n_seen_classes``); CE over seen classes. With
+        ``schedule_unit="epoch"`` (official) the phase runs ``crct_epochs`` epochs, each over its
+        own fresh samples (:class:`EpochSamples`), and the cosine steps per epoch; with ``step``
+        it is one epoch over all samples with the cosine decaying every step.
         """
         cfg = self.config
         n = cfg.ca_samples_per_class or 5 * cfg.batch_size
@@ -92,9 +95,53 @@ class MOSStatsMixin(MOSRetrievalMixin):
         classes = sorted(self.class_means)
         with torch.no_grad():
             xs = torch.cat([gaussian_samples(self.class_means[c], self.class_covs[c], n * cfg.crct_epochs, gen)
-                            for c in classes])  # (E*C*n, D)
+                            for c in classes])  # (C*E*n, D), class-major
             ys = torch.tensor(classes, device=self.device).repeat_interleave(n * cfg.crct_epochs)
         loss_fn = lambda f, y: F.cross_entropy(self.mask_unseen(self.head(f)), y)  # noqa: E731
-        return fit(Phase("mos_align", list(self.head.parameters()), loss_fn, TensorDataset(xs, ys), 1,
+        if cfg.schedule_unit == "epoch":
+            data = EpochSamples(xs, ys, len(classes), cfg.crct_epochs, steps_per_epoch=len(classes))
+            epochs, after_step = cfg.crct_epochs, data.step
+        else:
+            data, epochs, after_step = TensorDataset(xs, ys), 1, None
+        return fit(Phase("mos_align", list(self.head.parameters()), loss_fn, data, epochs,
                          cfg.ca_lr, n, optimizer="sgd", weight_decay=cfg.weight_decay,
-                         seed=len(self.stored)))
+                         schedule_unit=cfg.schedule_unit, after_step=after_step, seed=len(self.stored)))
+
+
+class EpochSamples(Dataset):
+    """Fresh samples every epoch for a multi-epoch phase (official alignment draws per epoch).
+
+    Holds ``epochs`` disjoint slices of the samples of each class; item ``i`` of the current epoch
+    is item ``i`` of that epoch's slice. :meth:`step` (``Phase.after_step``) counts optimiser
+    steps and moves to the next epoch's slice after ``steps_per_epoch`` of them; :func:`fit`'s
+    loader fetches each batch just before its step (no workers), so every epoch reads its own.
+
+    Args:
+        x: (C*E*n, D) samples, class-major (class c's E*n samples together).
+        y: (C*E*n,) labels.
+        n_classes: C.
+        epochs: E.
+        steps_per_epoch: optimiser steps per epoch (``ceil(C*n / batch)``).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, n_classes: int, epochs: int, steps_per_epoch: int) -> None:
+        self.per_class = len(x) // (n_classes * epochs)  # n
+        d = x.shape[-1]
+        # (E, C*n, D): epoch e holds samples [e*n, (e+1)*n) of every class
+        self.x = x.view(n_classes, epochs, self.per_class, d).transpose(0, 1).reshape(epochs, -1, d)
+        self.y = y.view(n_classes, epochs, self.per_class).transpose(0, 1).reshape(epochs, -1)
+        self.epochs, self.steps_per_epoch, self.steps = epochs, steps_per_epoch, 0
+
+    @property
+    def epoch(self) -> int:
+        return min(self.steps // self.steps_per_epoch, self.epochs - 1)
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def __len__(self) -> int:
+        return self.x.shape[1]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.epoch
+        return self.x[e, i], self.y[e, i]

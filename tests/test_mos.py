@@ -13,7 +13,8 @@ from adaptsim.strategies import MOS, MOSConfig, StreamInfo
 from adaptsim.strategies.mos_adapters import MOSAdapterLayer, ema_merge_
 from adaptsim.strategies.mos_retrieval import multi_adapter_features, refine
 
-TINY = dict(epochs=1, batch_size=32, lr=0.05, crct_epochs=1, ca_samples_per_class=16, eval_batch_size=256)
+TINY = dict(epochs=1, batch_size=32, lr=0.05, crct_epochs=1, ca_samples_per_class=16, eval_batch_size=256,
+            merge_mode="paper")
 
 
 @pytest.fixture(scope="module", autouse=True)
