@@ -5,12 +5,13 @@ https://arxiv.org/abs/2403.12313.
 
 - ``query`` (round 0): stores the ``a-seed`` the server sends in ``context.state`` and answers
   with this node's ``partition-id``/``num-partitions`` (from the SuperNode's node config).
-- ``train``: rebuilds (or reuses, per process) the model with A from that seed, runs
-  :func:`~adaptsim.federated.task.client_fit` and keeps its DP accountant state in
+- ``train``: the experiment's method (:mod:`adaptsim.federated.methods`) builds (or reuses, per
+  process) its model with A from that seed, runs its ``client_fit`` and keeps its state (the DP
+  accountant for LoRA / FFA-LoRA) in
   ``context.state`` across rounds (Flower keeps ``context.state`` per node and run) and in a
   file on the node (:func:`~adaptsim.federated.flower_glue.node_dp_store`), which survives a
   SuperNode restart.
-- ``evaluate``: accuracy and loss of the received arrays on the global test set.
+- ``evaluate``: accuracy and loss of the received arrays (the method's evaluation).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from adaptsim.federated.flower_glue import (arrays_to_record, experiment_from_run_config, node_dp_store,
-                                            record_to_arrays, state_get, state_put)
+from adaptsim.federated.flower_glue import (arrays_to_record, experiment_from_run_config, metrics_to_record,
+                                            node_dp_store, record_to_arrays, state_get, state_put)
 
 app = ClientApp()
 
@@ -54,42 +55,35 @@ def handshake(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One local round: global arrays in, trained arrays (what the method sends) out.
+    """One local round of the experiment's method: global arrays in, what the method sends out.
 
     Raises:
         RuntimeError: if this node never received the server's A seed (round 0).
+        ValueError: if the node's ``num-partitions`` differs from ``federated.num_clients``.
     """
-    from adaptsim.federated.task import client_dataset, client_fit, get_model
+    from adaptsim.federated.methods import fed_method
 
-    if experiment_from_run_config(context.run_config).federated.method == "fednano":
-        from adaptsim.federated.fednano.flower import client_train
-
-        return client_train(msg, context)
     cfg, pid, nparts, state = _setup(context)
     if "a_seed" not in state:
         raise RuntimeError(f"client {pid}: no A seed from the server (missed the round-0 handshake)")
-    train_ds, _ = client_dataset(cfg, pid, nparts)
+    if nparts != cfg.federated.num_clients:
+        raise ValueError(f"node num-partitions={nparts} differs from federated.num_clients={cfg.federated.num_clients}")
     server_round = int(msg.content["config"]["server-round"])
-    arrays, n, met, state["client"] = client_fit(get_model(cfg), record_to_arrays(msg.content["arrays"]),
-                                                 train_ds, cfg, state.get("client"), client_id=pid,
-                                                 round_idx=server_round - 1,
-                                                 node_store=node_dp_store(context, cfg, pid))
+    arrays, n, met, state["client"] = fed_method(cfg).client_fit(
+        record_to_arrays(msg.content["arrays"]), pid, state.get("client"), round_idx=server_round - 1,
+        node_store=node_dp_store(context, cfg, pid))
     state_put(context, state)
-    metrics = MetricRecord({"num-examples": n, "partition-id": pid, "epsilon": float(met["epsilon"]),
-                            "loss": float(met["loss"]), "budget-spent": int(met["budget_spent"]),
-                            "steps": int(met["steps"])})
+    metrics = MetricRecord({**metrics_to_record(met), "num-examples": int(n), "partition-id": pid})
     return Message(RecordDict({"arrays": arrays_to_record(arrays), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Accuracy and loss of the received global arrays on the global test set."""
-    from adaptsim.federated.task import client_dataset, evaluate as evaluate_arrays, get_model
+    """Accuracy and loss of the received global arrays (the method's evaluation)."""
+    from adaptsim.federated.methods import fed_method
 
-    cfg, pid, nparts, _ = _setup(context)
-    _, test_ds = client_dataset(cfg, pid, nparts)
-    ev = evaluate_arrays(get_model(cfg), record_to_arrays(msg.content["arrays"]), test_ds,
-                         cfg.federated.eval_batch_size)
+    cfg, pid, _, _ = _setup(context)
+    ev = fed_method(cfg).evaluate(record_to_arrays(msg.content["arrays"]))
     metrics = MetricRecord({"num-examples": int(ev["num_examples"]), "accuracy": float(ev["accuracy"]),
                             "loss": float(ev["loss"]), "partition-id": pid})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -8,7 +8,7 @@ YAML layout (``scenario`` holds only a dataset; ``run`` is the CL runner's ``Run
     scenario: {dataset: {name: mnist5k, train_per_class: 100}}
     backbone: {name: imgfocus_vit_s14, img_size: 56}
     federated:
-      method: ffa_lora            # lora | ffa_lora
+      method: ffa_lora            # a registered method: lora | ffa_lora | fednano
       mode: inprocess             # inprocess | simulation | deployment
       num_clients: 10
       partition: dirichlet
@@ -32,9 +32,8 @@ from adaptsim.cl.experiment import ExperimentBase, RunConfig
 from adaptsim.federated.fednano.config import FedNanoConfig
 
 __all__ = ["DPConfig", "FedScenarioConfig", "FederatedConfig", "FedExperimentConfig",
-           "load_fed_experiment", "METHODS", "MODES", "PARTITIONS", "TARGETS"]
+           "load_fed_experiment", "MODES", "PARTITIONS", "TARGETS"]
 
-METHODS = ("lora", "ffa_lora", "fednano")
 MODES = ("inprocess", "simulation", "deployment")
 PARTITIONS = ("iid", "dirichlet")
 TARGETS = ("q", "k", "v")
@@ -87,8 +86,9 @@ class FederatedConfig:
     """The federated run: method, engine, clients, rounds, local training, LoRA, DP.
 
     Attributes:
-        method: ``"lora"`` (A and B trained and averaged) or ``"ffa_lora"`` (A frozen from
-            ``a_seed``, only B and the head trained and sent).
+        method: a method of the registry (:mod:`adaptsim.federated.methods`): ``"lora"`` (A and B
+            trained and averaged), ``"ffa_lora"`` (A frozen from ``a_seed``, only B and the head
+            trained and sent) or ``"fednano"`` (options in ``fednano``).
         mode: ``"inprocess"`` (sequential loop, :mod:`adaptsim.federated.local_sim`),
             ``"simulation"`` (Flower simulation engine) or ``"deployment"`` (SuperLink +
             SuperNodes on loopback).
@@ -147,8 +147,10 @@ class FederatedConfig:
     num_threads: int = 1
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"federated.method must be one of {METHODS}, got {self.method!r}")
+        from adaptsim.federated.methods import list_fed_methods  # the registry (lazy: it imports this module)
+
+        if self.method not in (names := list_fed_methods()):
+            raise ValueError(f"federated.method must be a registered method, one of {names}; got {self.method!r}")
         if self.mode not in MODES:
             raise ValueError(f"federated.mode must be one of {MODES}, got {self.mode!r}")
         if self.partition not in PARTITIONS:
@@ -180,8 +182,10 @@ class FederatedConfig:
 
     @property
     def sends_a(self) -> bool:
-        """Whether the LoRA A matrices are trained and exchanged (vanilla LoRA)."""
-        return self.method == "lora"
+        """Whether the LoRA A matrices are trained and exchanged (the method's registry entry says)."""
+        from adaptsim.federated.methods import fed_method_class
+
+        return bool(getattr(fed_method_class(self.method), "sends_a", False))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@
   ``run_config`` (``"federated.num-clients" = 10``; the sections become dotted prefixes, the same
   keys as ``[tool.flwr.app.config]`` in ``pyproject.toml``). TOML has no null and Flower's
   ``UserConfig`` no lists, so ``None`` is written as ``""`` and tuples as ``"q,v"``.
+- :func:`metrics_to_record` / :func:`metrics_from_record`: a client's numeric metrics <-> the
+  reply's ``MetricRecord`` (kebab-case keys, as Flower's examples write them).
 - :func:`state_get` / :func:`state_put`: a client's plain-dict state in ``context.state``.
 - :func:`node_dp_store`: the file on the SuperNode that keeps the client's DP accountant
   (node config ``state-dir``, default ``$FLWR_HOME/adaptsim_dp_state``), keyed by run name
@@ -38,7 +40,8 @@ import numpy as np
 
 from adaptsim.cl.rundir import dumps_json, loads_json
 
-__all__ = ["ENGINE_KEYS", "launch_run_config", "route_logs_to_flower", "arrays_to_record", "record_to_arrays", "experiment_to_run_config",
+__all__ = ["ENGINE_KEYS", "launch_run_config", "route_logs_to_flower", "arrays_to_record", "record_to_arrays",
+           "metrics_to_record", "metrics_from_record", "experiment_to_run_config",
            "experiment_from_run_config", "state_get", "state_put", "node_dp_store", "write_rounds",
            "read_rounds", "ROUNDS_FILE"]
 
@@ -58,6 +61,23 @@ def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> Any:
 def record_to_arrays(record: Any) -> dict[str, np.ndarray]:
     """``ArrayRecord`` -> ``{name: ndarray}`` (insertion order kept)."""
     return {k: v.numpy() for k, v in record.items()}
+
+
+def metrics_to_record(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A client's metrics as ``MetricRecord`` content: the numeric entries, kebab-case keys
+    (strings and lists such as ``privacy`` / ``dp_params`` stay on the client)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool):
+            out[k.replace("_", "-")] = int(v)
+        elif isinstance(v, (int, float, np.integer, np.floating)):
+            out[k.replace("_", "-")] = v.item() if isinstance(v, np.generic) else v
+    return out
+
+
+def metrics_from_record(record: Any) -> dict[str, Any]:
+    """Inverse of :func:`metrics_to_record`: snake_case keys."""
+    return {k.replace("-", "_"): v for k, v in dict(record).items()}
 
 
 # -- run_config <-> experiment ---------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The federated run kinds, ``federated`` (LoRA / FFA-LoRA) and ``fednano``.
+"""The federated run kinds, ``federated`` (LoRA / FFA-LoRA) and ``fednano``, from the method registry.
 
 Registered into :mod:`adaptsim.cl.runkinds` through the ``adaptsim.run_kinds`` entry point
 (``pyproject.toml``), because ``adaptsim.cl`` never imports ``adaptsim.federated``.
@@ -25,21 +25,31 @@ def federated_summary(m: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _from_raw(raw: Mapping[str, Any], source: str):
-    from adaptsim.federated.config import load_fed_experiment
+def _kind_of_raw(raw: Mapping[str, Any]) -> str | None:
+    """The run kind of a raw config: its method's ``run_kind`` (``None`` without a federated section;
+    an unknown method runs as ``federated``, whose strict loader then names the registered ones)."""
+    from adaptsim.federated.config import FederatedConfig
+    from adaptsim.federated.methods import fed_method_class
 
-    return load_fed_experiment(raw, source)
+    if "federated" not in raw:
+        return None
+    fed = raw["federated"] if isinstance(raw["federated"], Mapping) else {}
+    try:
+        return fed_method_class(str(fed.get("method", FederatedConfig.method))).run_kind
+    except KeyError:
+        return "federated"
 
 
-def _checked(method_is_fednano: bool):
+def _config_from_raw(kind: str):
     def from_raw(raw: Mapping[str, Any], source: str):
         from adaptsim.cl.config import ConfigError
+        from adaptsim.federated.config import load_fed_experiment
+        from adaptsim.federated.methods import fed_method_class
 
-        cfg = _from_raw(raw, source)
-        if (cfg.federated.method == "fednano") != method_is_fednano:
-            want = "fednano" if cfg.federated.method == "fednano" else "federated"
-            raise ConfigError(f"federated.method={cfg.federated.method!r} runs as kind {want!r}, "
-                              f"not {'fednano' if method_is_fednano else 'federated'!r}")
+        cfg = load_fed_experiment(raw, source)
+        want = fed_method_class(cfg.federated.method).run_kind
+        if want != kind:
+            raise ConfigError(f"federated.method={cfg.federated.method!r} runs as kind {want!r}, not {kind!r}")
         return cfg
 
     return from_raw
@@ -51,55 +61,27 @@ def _run(cfg, rd, **kw):
     return run_rounds(cfg, rd, **kw)
 
 
-def _prepare_data(cfg) -> None:
-    from adaptsim.federated.fednano.task import refuse_dp
-    from adaptsim.federated.task import load_data
-
-    refuse_dp(cfg)  # FedNano's split training hands the server tokens and labels: no DP
-    load_data(cfg)  # a missing data file is an error before any run folder exists
-
-
 def _prepare(cfg) -> None:
-    """Load the data and draw the partitions before a run folder exists: a missing data file, a
-    partition that cannot be drawn (too many clients, ``min_partition_size``) or a
-    ``dp.delta >= 1/n_k`` for some client is a config error."""
-    from adaptsim.cl.config import ConfigError
-    from adaptsim.federated.partition import partition_indices
-    from adaptsim.federated.task import load_data
+    """The method's checks before a run folder exists (missing data, undrawable partitions,
+    ``dp.delta >= 1/n_k``, refused options are config errors)."""
+    from adaptsim.federated.methods import fed_method_class
 
-    f = cfg.federated
-    train, _ = load_data(cfg)
-    try:
-        parts = partition_indices(train.targets, f.num_clients, f.partition, alpha=f.dirichlet_alpha,
-                                  seed=f.partition_seed, min_partition_size=f.min_partition_size)
-    except ValueError as exc:
-        raise ConfigError(f"federated: cannot partition {len(train.targets)} training samples over "
-                          f"{f.num_clients} clients: {exc}") from None
-    if f.dp.enabled:
-        from adaptsim.federated.privacy import check_delta
-
-        for k, idx in enumerate(parts):
-            check_delta(f.dp.delta, len(idx), k)
-
-
-def _is_fednano(raw: Mapping[str, Any]) -> bool:
-    fed = raw.get("federated")
-    return isinstance(fed, Mapping) and fed.get("method") == "fednano"
+    fed_method_class(cfg.federated.method).prepare(cfg)
 
 
 def register() -> None:
-    """Entry point of group ``adaptsim.run_kinds``: registers ``federated`` and ``fednano``."""
+    """Entry point of group ``adaptsim.run_kinds``: one run kind per distinct ``run_kind`` of the
+    registered federated methods (``federated`` and ``fednano``)."""
     from adaptsim.cl.runkinds import RunKind, register_run_kind
+    from adaptsim.federated.methods import fed_method_class, list_fed_methods
 
-    common = dict(run=_run, label=lambda cfg: cfg.federated.method,
-                  summary=federated_summary, threads_key="federated.num_threads",
-                  seed_keys=("federated.seed",))
-    register_run_kind(RunKind(
-        name="federated",
-        description="federated LoRA / FFA-LoRA on Flower (in-process, simulation engine, SuperLink), Opacus DP",
-        config_from_raw=_checked(False), prepare=_prepare,
-        matches=lambda raw: "federated" in raw and not _is_fednano(raw), **common))
-    register_run_kind(RunKind(
-        name="fednano",
-        description="FedNano: server-held frozen model, client NanoAdapters, Fisher merging (split training)",
-        config_from_raw=_checked(True), prepare=_prepare_data, matches=_is_fednano, **common))
+    kinds: dict[str, str] = {}
+    for name in list_fed_methods():
+        cls = fed_method_class(name)
+        kinds.setdefault(cls.run_kind, cls.run_kind_description)
+    for kind, description in kinds.items():
+        register_run_kind(RunKind(
+            name=kind, description=description, config_from_raw=_config_from_raw(kind), prepare=_prepare,
+            matches=lambda raw, kind=kind: _kind_of_raw(raw) == kind, run=_run,
+            label=lambda cfg: cfg.federated.method, summary=federated_summary,
+            threads_key="federated.num_threads", seed_keys=("federated.seed",)))

@@ -1,9 +1,9 @@
 """Run a federated scenario and write its run folder (like the CL runs).
 
-``adaptsim run scenarios/fed_ffa_lora.yaml`` runs YAMLs with a ``federated`` section as run kind
-``federated`` (``fednano`` for ``federated.method: fednano``, see :mod:`adaptsim.federated.runkinds`);
+``adaptsim run scenarios/fed_ffa_lora.yaml`` runs YAMLs with a ``federated`` section as the run
+kind of their method (``federated`` or ``fednano``, see :mod:`adaptsim.federated.runkinds`);
 :func:`run_rounds` is their run function. ``federated.mode`` picks the engine: ``inprocess``
-(:mod:`adaptsim.federated.local_sim`), ``simulation`` (Flower simulation engine,
+(the one in-process round engine, :mod:`adaptsim.federated.local_sim`), ``simulation`` (Flower simulation engine,
 ``adaptsim.federated.sim_engine.run_simulation_mode``) or ``deployment`` (SuperLink +
 SuperNodes, ``adaptsim.federated.deploy.run_deployment_mode``).
 
@@ -11,7 +11,7 @@ Run folder: ``config.yaml`` (resolved), ``metrics.json`` (``rounds``: one dict p
 accuracy, loss, per-client epsilon, bytes up/down, seconds, replies, failures; ``summary``),
 ``accuracy_vs_round.png``, ``accuracy_vs_epsilon.png`` and ``checkpoints/round_NNN.{npz,json}``
 (global arrays; client states and metrics so far). An in-process run continues from its last
-checkpoint with ``adaptsim run --resume RUN_DIR``.
+checkpoint with ``adaptsim run --resume RUN_DIR`` (any method).
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ def new_run_dir(cfg: FedExperimentConfig) -> Path:
 
 
 def kind_of(cfg: FedExperimentConfig) -> str:
-    """The run kind of a federated config: ``fednano`` or ``federated``."""
-    return "fednano" if cfg.federated.method == "fednano" else "federated"
+    """The run kind of a federated config (its method's ``run_kind``: ``federated`` or ``fednano``)."""
+    from adaptsim.federated.methods import fed_method_class
+
+    return fed_method_class(cfg.federated.method).run_kind
 
 
 def _finite_max(values) -> float:
@@ -159,15 +161,11 @@ def run_rounds(cfg: FedExperimentConfig, rd: RunDir, *, resume: bool = False, st
     run_dir = rd.path
     if fed.num_threads:
         torch.set_num_threads(fed.num_threads)
-    if resume and (fed.mode != "inprocess" or fed.method == "fednano"):
-        raise ConfigError(f"resume is supported for federated.mode=inprocess with lora/ffa_lora, "
-                          f"not mode {fed.mode!r} with method {fed.method!r}; start the run again")
+    if resume and fed.mode != "inprocess":
+        raise ConfigError(f"resume is supported for federated.mode=inprocess, not mode {fed.mode!r}; "
+                          f"start the run again")
     on_round = lambda rs: write_fed_outputs(cfg, rs, rd) and None  # noqa: E731
-    if fed.method == "fednano" and fed.mode == "inprocess":  # FedNano's own loop (split training)
-        from adaptsim.federated.fednano.loop import run_inprocess_fednano
-
-        rounds = run_inprocess_fednano(cfg, run_dir, on_round=on_round)
-    elif fed.mode == "inprocess":
+    if fed.mode == "inprocess":  # the one in-process round engine, for every method
         from adaptsim.federated.local_sim import run_inprocess
 
         rounds = run_inprocess(cfg, run_dir, resume=resume, stop_after=stop_after, on_round=on_round)

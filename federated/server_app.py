@@ -1,11 +1,12 @@
-"""Flower ServerApp of adaptsim (Message API): handshake, then :class:`AdaptsimFedAvg` rounds.
+"""Flower ServerApp of adaptsim (Message API): handshake, then :class:`FedMethodStrategy` rounds.
 
 Paper: FFA-LoRA, "Improving LoRA in Privacy-preserving Federated Learning", Sun et al., ICLR 2024,
 https://arxiv.org/abs/2403.12313.
 
 Round 0 is a handshake (``query`` messages to every connected node): the server sends the seed
 of the shared LoRA A matrices and learns which partition each node holds. Rounds 1..R run
-Flower's strategy loop (``Strategy.start``) with adaptsim's FedAvg; after every round the run
+Flower's strategy loop (``Strategy.start``) with the experiment's method on Flower's ``FedAvg``
+(:mod:`adaptsim.federated.flower_strategy`); after every round the run
 folder gets the same ``metrics.json``/plots/checkpoints as an in-process run, plus
 ``flower_rounds.json`` for the process that started ``flwr run``.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from adaptsim.federated.flower_glue import arrays_to_record, experiment_from_run_config, route_logs_to_flower
+from adaptsim.federated.flower_glue import experiment_from_run_config, route_logs_to_flower
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +82,8 @@ def main(grid: Grid, context: Context) -> None:
 def _serve(grid: Grid, cfg, run_dir: Path, timeout: float) -> None:
     import torch
 
-    from adaptsim.federated.flower_strategy import AdaptsimFedAvg
-    from adaptsim.federated.task import initial_arrays
+    from adaptsim.federated.flower_strategy import FedMethodStrategy
 
     if cfg.federated.num_threads:
         torch.set_num_threads(cfg.federated.num_threads)
-    if cfg.federated.method == "fednano":  # FedNano: its own strategy (Fisher merging, split bytes)
-        from adaptsim.federated.fednano.flower import run_fednano_server
-
-        run_fednano_server(grid, cfg, handshake(grid, cfg, timeout), run_dir, timeout)
-        return
-    strategy = AdaptsimFedAvg(cfg, handshake(grid, cfg, timeout), run_dir)
-    strategy.start(grid, arrays_to_record(initial_arrays(cfg)), num_rounds=cfg.federated.rounds,
-                   timeout=timeout, evaluate_fn=strategy.central_evaluate)
+    FedMethodStrategy(cfg, handshake(grid, cfg, timeout), run_dir).start_run(grid, timeout)

@@ -11,9 +11,9 @@ https://arxiv.org/abs/2403.12313.
   :class:`~adaptsim.federated.privacy.NodeDPStore` is given, in a file on the client's node.
 - :func:`evaluate`: accuracy and loss of given arrays on a test set.
 
-Departure from ``adaptsim.cl.train.fit`` (otherwise the only optimiser loop): DP-SGD needs
-Opacus' ``DPOptimizer`` and Poisson ``DPDataLoader``, which ``fit`` does not build, so local
-training has its own short loop here (plain SGD, constant learning rate, in both methods).
+Local training goes through the one shared loop, :func:`adaptsim.federated.local_train.local_train`
+(SGD and DP-SGD alike). Which arrays are sent follows the method's registry entry
+(:mod:`adaptsim.federated.methods.lora`: ``sends_a``).
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from adaptsim.cl.backbones import create_backbone
 from adaptsim.cl.data import ImageTensorDataset, load_dataset
 from adaptsim.federated.config import FedExperimentConfig
 from adaptsim.federated.model import FedLoRAModel
 from adaptsim.federated.partition import partition_indices
-from adaptsim.federated.privacy import (NodeDPStore, check_delta, dp_generators, epsilon_of, flatten_history,
-                                        longer_history, make_accountant, plan_dp, privacy_label,
-                                        unflatten_history, would_exceed)
+from adaptsim.federated.local_train import local_train
+from adaptsim.federated.privacy import (NodeDPStore, check_delta, epsilon_of, flatten_history, longer_history,
+                                        plan_dp, privacy_label, unflatten_history, would_exceed)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def build_model(cfg: FedExperimentConfig) -> FedLoRAModel:
     backbone = create_backbone(cfg.backbone)
     model = FedLoRAModel(backbone, n_classes, rank=fed.rank, alpha=fed.alpha, targets=fed.targets,
                          lora_blocks=fed.lora_blocks, a_seed=fed.a_seed,
-                         freeze_a=fed.method == "ffa_lora", head_seed=fed.seed)
+                         freeze_a=not _sends_a(fed.method), head_seed=fed.seed)
     return model.to(resolve_device(cfg))
 
 
@@ -106,10 +106,17 @@ def initial_arrays(cfg: FedExperimentConfig) -> dict[str, np.ndarray]:
     return {n: init[n].copy() for n in _sent_names(model, cfg.federated.method)}
 
 
+def _sends_a(method: str) -> bool:
+    """Whether ``method`` trains and sends the LoRA A matrices (its registry entry says)."""
+    from adaptsim.federated.methods import fed_method_class
+
+    return bool(getattr(fed_method_class(method), "sends_a", False))
+
+
 def _sent_names(model: nn.Module, method: str) -> list[str]:
-    names = []
+    names, send_a = [], _sends_a(method)
     for n, _ in model.named_parameters():
-        if n.startswith("head.") or "lora_B" in n or (method == "lora" and "lora_A" in n):
+        if n.startswith("head.") or "lora_B" in n or (send_a and "lora_A" in n):
             names.append(n)
     return names
 
@@ -188,71 +195,6 @@ def _trainable_groups(model: FedLoRAModel, fed) -> list[dict]:
     return [{"params": lora, "lr": fed.lr}, {"params": list(model.head.parameters()), "lr": fed.head_lr or fed.lr}]
 
 
-def _step(module: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor) -> float | None:
-    """One optimiser step; returns the loss (``None`` for an empty Poisson batch).
-
-    An empty batch (only under DP's Poisson sampling) still steps, as the analysed mechanism
-    does: the DP optimiser adds its Gaussian noise to a zero clipped sum and its accountant
-    counts the step. Its per-example gradients are set to empty tensors (``p.grad_sample``,
-    Opacus' per-sample-gradient attribute) instead of a forward pass on zero examples.
-    """
-    opt.zero_grad(set_to_none=True)
-    if len(yb) == 0:
-        for p in opt.params:
-            p.grad_sample = p.new_zeros((0, *p.shape))
-        opt.step()
-        return None
-    loss = F.cross_entropy(module(xb), yb)             # xb (B, T, D) prefix tokens
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"client loss became {loss.item()}")
-    loss.backward()
-    opt.step()
-    return loss.item()
-
-
-def _local_train(model: FedLoRAModel, data: TensorDataset, cfg: FedExperimentConfig, seed: int,
-                 plan, history: list) -> tuple[float, int, list, list[str]]:
-    """Local epochs of SGD (``plan is None``) or DP-SGD.
-
-    Returns:
-        ``(mean loss, steps, history, names of the parameters Opacus clipped and noised)``.
-    """
-    fed, dev = cfg.federated, next(model.parameters()).device
-    opt = torch.optim.SGD(_trainable_groups(model, fed), lr=fed.lr, momentum=fed.momentum)
-    sampler_gen, noise_gen = (dp_generators(fed.dp, seed, dev) if plan is not None
-                              else (torch.Generator().manual_seed(seed), None))
-    # Opacus' DPDataLoader draws its Poisson batches from this loader's generator
-    loader = DataLoader(data, batch_size=fed.batch_size, shuffle=True, generator=sampler_gen)
-    module, engine, noised = model, None, []
-    model.train()  # Opacus validates training mode; the backbone itself stays in eval()
-    if plan is not None:
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant=fed.dp.accountant)
-        engine.accountant = make_accountant(fed.dp.accountant, history)  # restored, not reset
-        module, opt, loader = engine.make_private(
-            module=model, optimizer=opt, data_loader=loader, noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=fed.dp.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
-            noise_generator=noise_gen)
-        assert abs(loader.sample_rate - plan.sample_rate) < 1e-12, "Opacus sample rate differs from plan"
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        noised = sorted(name_of[id(p)] for p in opt.params)  # what DPOptimizer clips and noises
-    losses, steps = [], 0
-    try:
-        for _ in range(fed.local_epochs):
-            for xb, yb in loader:
-                loss = _step(module, opt, xb.to(dev), yb.to(dev))
-                if loss is not None:
-                    losses.append(loss)
-                steps += 1
-    finally:
-        if engine is not None:
-            history = list(engine.accountant.history)
-            module._close()  # remove Opacus hooks: the cached model is reused next round
-        model.eval()
-    return (float(np.mean(losses)) if losses else float("nan")), steps, history, noised
-
-
 def client_fit(model: FedLoRAModel, arrays_in: dict[str, np.ndarray], train_ds: ImageTensorDataset,
                cfg: FedExperimentConfig, client_state: dict | None, *, client_id: int = 0,
                round_idx: int | None = None,
@@ -309,8 +251,9 @@ def client_fit(model: FedLoRAModel, arrays_in: dict[str, np.ndarray], train_ds: 
                        "seconds": time.perf_counter() - start, **base}
             return dict(arrays_in), 0, metrics, state
     tokens = prefix_tokens(model, train_ds, fed.eval_batch_size)
-    data = TensorDataset(tokens, train_ds.y)
-    loss, steps, history, noised = _local_train(model, data, cfg, seed, plan, history)
+    res = local_train(model, _trainable_groups(model, fed), TensorDataset(tokens, train_ds.y), fed, seed,
+                      plan=plan, history=history)
+    loss, steps, history, noised = res.loss, res.steps, res.history, res.noised
     out = trainable_arrays(model, fed.method)
     if plan is not None:
         if noised != sorted(out):

@@ -113,7 +113,8 @@ def test_empty_poisson_batch_still_releases_noise_and_is_counted():
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from adaptsim.federated.task import _step, _trainable_groups
+    from adaptsim.federated.local_train import step
+    from adaptsim.federated.task import _trainable_groups
 
     cfg = _cfg()
     model = get_model(cfg)
@@ -126,7 +127,7 @@ def test_empty_poisson_batch_still_releases_noise_and_is_counted():
                                                                 batch_size=4))
     try:
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        assert _step(module, opt, x[:0], torch.zeros(0, dtype=torch.long)) is None
+        assert step(module, opt, (x[:0], torch.zeros(0, dtype=torch.long))) is None
         moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
         assert sorted(moved) == sorted(before)  # pure noise reached every privatised parameter
         assert engine.accountant.history == [(1.0, 0.5, 1)]

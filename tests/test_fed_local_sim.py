@@ -91,17 +91,20 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_failed_client_does_not_fail_the_round(tmp_path, monkeypatch):
-    real = local_sim.client_fit
+    from adaptsim.federated.methods.lora import FFALoRA
 
-    def flaky(model, arrays, train, cfg, state, *, client_id, round_idx, **kw):
-        if client_id == 1:
+    real = FFALoRA.client_fit
+
+    def flaky(self, arrays, partition_id, state, **kw):
+        if partition_id == 1:
             raise RuntimeError("client 1 crashed")
-        return real(model, arrays, train, cfg, state, client_id=client_id, round_idx=round_idx, **kw)
+        return real(self, arrays, partition_id, state, **kw)
 
-    monkeypatch.setattr(local_sim, "client_fit", flaky)
+    monkeypatch.setattr(FFALoRA, "client_fit", flaky)
     cfg = load_fed_experiment(_raw(tmp_path, clients_per_round=4, rounds=1, min_replies=3))
     rounds = local_sim.run_inprocess(cfg)
     assert rounds[0]["failures"] == 1 and rounds[0]["replies"] == 3
+    assert rounds[0]["failed"] == [{"client": 1, "reason": "RuntimeError: client 1 crashed"}]
     cfg4 = load_fed_experiment(_raw(tmp_path, clients_per_round=4, rounds=1, min_replies=4))
     with pytest.raises(RuntimeError, match="min_replies"):
         local_sim.run_inprocess(cfg4)

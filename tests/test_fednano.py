@@ -164,14 +164,14 @@ def client_fit_(system, cfg):
 
 
 def test_inprocess_rounds_improve_and_keep_bytes_apart(system):
-    from adaptsim.federated.fednano.loop import run_inprocess_fednano
+    from adaptsim.federated.local_sim import run_inprocess
     from adaptsim.federated.fednano.system import get_system
     from adaptsim.federated.fednano.task import evaluate
 
     cfg = _cfg({"rounds": 3, "lr": 0.5, "local_epochs": 2}, aggregation="fedavg")
     nano = get_system(cfg)   # same encoder tokens and pretrained server model as `system`
     init = evaluate(nano, dict(nano.initial))
-    rounds = run_inprocess_fednano(cfg)
+    rounds = run_inprocess(cfg)
     # measured: loss 1.140 -> 1.091, accuracy 51.7 -> 56.3 % (split gradients zeroed: no change)
     assert len(rounds) == 3 and rounds[-1]["loss"] < init["loss"] - 0.03, (init, rounds)
     assert rounds[-1]["accuracy"] > init["accuracy"] + 0.02, (init, rounds)
@@ -200,7 +200,7 @@ def test_ffa_lora_baseline_sends_b_only_and_downloads_the_model(system):
 
 def test_dp_is_refused_because_split_training_sends_tokens_and_labels(system):
     from adaptsim.cl.config import ConfigError
-    from adaptsim.federated.fednano.loop import run_inprocess_fednano
+    from adaptsim.federated.local_sim import run_inprocess
     from adaptsim.federated.fednano.task import client_fit, refuse_dp
 
     cfg = _cfg({"dp": {"epsilon": 8.0}}, aggregation="fedavg")
@@ -209,7 +209,7 @@ def test_dp_is_refused_because_split_training_sends_tokens_and_labels(system):
     with pytest.raises(ConfigError, match="federated.dp with method fednano"):
         client_fit(system, dict(system.initial), system.clients[0], cfg, None)
     with pytest.raises(ConfigError, match="federated.dp"):   # a config error, not a failed client
-        run_inprocess_fednano(cfg)
+        run_inprocess(cfg)
     refuse_dp(_cfg(aggregation="fedavg"))                     # no DP: fine
 
 

@@ -135,12 +135,12 @@ def test_client_app_handshake_train_and_state_across_rounds():
 
 
 # -- strategy rules (min_replies, failures, bytes) -------------------------------------------
-def _strategy(min_replies: int):
-    from adaptsim.federated.flower_strategy import AdaptsimFedAvg
+def _strategy(min_replies: int, tmp_path: Path):
+    from adaptsim.federated.flower_strategy import FedMethodStrategy
 
     raw = {k: dict(v) for k, v in TINY.items()}
     raw["federated"] = {**raw["federated"], "num_clients": 3, "clients_per_round": 3, "min_replies": min_replies}
-    return AdaptsimFedAvg(load_fed_experiment(raw, "t"), {0: 10, 1: 11, 2: 12}, Path("/tmp"))
+    return FedMethodStrategy(load_fed_experiment(raw, "t"), {0: 10, 1: 11, 2: 12}, tmp_path)
 
 
 class _Grid:
@@ -163,8 +163,8 @@ def server_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
 
 
-def test_strategy_completes_round_with_replies_it_has_and_logs_failures(caplog, server_identity):
-    s = _strategy(min_replies=2)
+def test_strategy_completes_round_with_replies_it_has_and_logs_failures(caplog, server_identity, tmp_path):
+    s = _strategy(min_replies=2, tmp_path=tmp_path)
     glob = {"head.bias": np.zeros(2, np.float32)}
     msgs = list(s.configure_train(1, arrays_to_record(glob), ConfigRecord(), _Grid()))
     assert sorted(m.metadata.dst_node_id for m in msgs) == [10, 11, 12]
@@ -173,14 +173,15 @@ def test_strategy_completes_round_with_replies_it_has_and_logs_failures(caplog, 
     with caplog.at_level("WARNING"):
         arrays, _ = s.aggregate_train(1, replies)
     np.testing.assert_allclose(record_to_arrays(arrays)["head.bias"], (1.0 * 10 + 4.0 * 30) / 40)
-    assert s._pending["replies"] == 2 and s._pending["failures"] == 1
-    assert s._pending["bytes_up"] == 2 * 8 and s._pending["bytes_down"] == 3 * 8
-    assert s._pending["failed"] == [{"client": 2, "reason": "no reply before the round timeout"}]
+    rr = s.replies
+    assert len(rr.results) == 2 and rr.failures == 1
+    assert rr.traffic.totals() == {"bytes_up": 2 * 8, "bytes_down": 3 * 8}
+    assert rr.failed == [{"client": 2, "reason": "no reply before the round timeout"}]
     assert "client 2 failed" in caplog.text
-    assert s.epsilon["0"] == 2.5 and s.epsilon["1"] == 2.5
+    assert s.book.epsilon["0"] == 2.5 and s.book.epsilon["1"] == 2.5
 
     # an error reply counts as a failure too; below min_replies the round fails loudly
-    s2 = _strategy(min_replies=2)
+    s2 = _strategy(min_replies=2, tmp_path=tmp_path)
     msgs = list(s2.configure_train(1, arrays_to_record(glob), ConfigRecord(), _Grid()))
     sent = [_msg(m.content, "train", dst=m.metadata.dst_node_id, mid=f"y{i}") for i, m in enumerate(msgs)]
     crashed = Message(Error(code=0, reason="ClientApp crashed"), reply_to=sent[1])

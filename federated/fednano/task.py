@@ -31,19 +31,23 @@ import time
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from adaptsim.cl.config import ConfigError
 from adaptsim.federated.config import FedExperimentConfig
 from adaptsim.federated.fednano.data import VQASet
 from adaptsim.federated.fednano.fisher import with_fisher
 from adaptsim.federated.fednano.system import FedNanoSystem
+from adaptsim.federated.local_train import local_train
 from adaptsim.federated.task import load_arrays
 
-__all__ = ["SplitChannel", "client_fit", "evaluate", "client_arrays", "adapter_fisher", "tensor_bytes",
+__all__ = ["SPLIT_KEYS", "SplitChannel", "client_fit", "evaluate", "client_arrays", "adapter_fisher", "tensor_bytes",
            "refuse_dp"]
 
 log = logging.getLogger(__name__)
+
+#: Split-training traffic a client reports per round (summed into the round record).
+SPLIT_KEYS = ("bytes_activations_up", "bytes_gradients_down", "split_round_trips", "bytes_fisher_up")
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
@@ -133,9 +137,9 @@ def refuse_dp(cfg: FedExperimentConfig) -> None:
     """FedNano has no DP: split training hands the server raw adapted tokens and answer ids.
 
     Raises:
-        ConfigError: when ``federated.dp.epsilon`` is set with ``method: fednano``.
+        ConfigError: when ``federated.dp.epsilon`` is set (called for ``method: fednano`` only).
     """
-    if cfg.federated.method == "fednano" and cfg.federated.dp.enabled:
+    if cfg.federated.dp.enabled:
         raise ConfigError("federated.dp with method fednano is refused: split training sends the adapted tokens and "
                           "the answer ids to the server every step, so DP-SGD on the NanoAdapters would protect "
                           "nothing against the server (and the PEFT baseline has no DP path); unset "
@@ -144,32 +148,28 @@ def refuse_dp(cfg: FedExperimentConfig) -> None:
 
 def _local_train(system: FedNanoSystem, data: VQASet, cfg: FedExperimentConfig, seed: int,
                  channel: SplitChannel | None) -> tuple[float, int]:
-    """Local epochs: split SGD on the NanoAdapters, or local SGD of the PEFT baseline's LoRA."""
-    fed = cfg.federated
+    """Local epochs through the shared loop: split SGD on the NanoAdapters, or local SGD of the
+    PEFT baseline's LoRA (the whole model is on the client)."""
     model = system.client_model()
     params = [p for n, p in model.named_parameters() if n in system.sent_names()]
-    opt = torch.optim.SGD(params, lr=fed.lr, momentum=fed.momentum)
+
+    def split_backward(module, batch) -> float:      # FedNano: split step through the channel
+        e, qb, yb = batch
+        tokens = system.edge(e, qb)                          # (B, S, d)
+        loss, grad = channel.train_step(tokens.detach(), yb)
+        tokens.backward(grad)
+        return loss
+
+    def baseline_backward(module, batch) -> float:
+        e, qb, yb = batch
+        loss = F.cross_entropy(system.peft(system.edge(e, qb)), yb)
+        loss.backward()
+        return loss.item()
+
     enc, q, ans = _batches(system, data, train=True)
-    loader = DataLoader(TensorDataset(enc, q, ans), batch_size=fed.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    losses, steps = [], 0
-    for _ in range(fed.local_epochs):
-        for e, qb, yb in loader:
-            opt.zero_grad(set_to_none=True)
-            if channel is None:   # PEFT baseline: the whole model is on the client
-                loss_t = F.cross_entropy(system.peft(system.edge(e, qb)), yb)
-                loss_t.backward()
-                loss = loss_t.item()
-            else:                 # FedNano: split step through the channel
-                tokens = system.edge(e, qb)                          # (B, S, d)
-                loss, grad = channel.train_step(tokens.detach(), yb)
-                tokens.backward(grad)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"client loss became {loss} at step {steps}")
-            opt.step()
-            losses.append(loss)
-            steps += 1
-    return (float(np.mean(losses)) if losses else float("nan")), steps
+    res = local_train(model, [{"params": params, "lr": cfg.federated.lr}], TensorDataset(enc, q, ans),
+                      cfg.federated, seed, backward=baseline_backward if channel is None else split_backward)
+    return res.loss, res.steps
 
 
 def client_fit(system: FedNanoSystem, arrays_in: dict[str, np.ndarray], data: VQASet,
