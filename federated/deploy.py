@@ -300,7 +300,7 @@ class LocalFederation:
     # -- runs ------------------------------------------------------------------------------
     def run(self, run_config: Mapping[str, Any], *, federation_config: Mapping[str, Any] | None = None,
             app_dir: Path = REPO_ROOT, timeout: float = 1800.0) -> str:
-        """``flwr run <app_dir> <connection> --run-config <toml> --stream``; waits for the end.
+        """``flwr run <app_dir> <connection> --run-config <toml> --format json`` + ``flwr log --stream``; waits for the end.
 
         Returns:
             The run's final status text (``finished:completed`` on success).
@@ -326,7 +326,8 @@ def _toml_value(v: Any) -> str:
 def flwr_run(app_dir: Path, connection: str, run_config: Mapping[str, Any], *, env: Mapping[str, str],
              workdir: Path, log_path: Path, federation_config: Mapping[str, Any] | None = None,
              timeout: float = 1800.0) -> str:
-    """Submits the app with ``flwr run`` and streams its logs until the run ends.
+    """Submits the app with ``flwr run --format json`` (run id from its JSON reply), then streams the run's
+    logs with ``flwr log --stream`` until the run ends.
 
     Args:
         app_dir: folder holding ``pyproject.toml`` with ``[tool.flwr.app]``.
@@ -346,26 +347,44 @@ def flwr_run(app_dir: Path, connection: str, run_config: Mapping[str, Any], *, e
     """
     override = workdir / "run_config.toml"
     override.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in run_config.items()))
-    cmd = [_exe("flwr"), "run", str(app_dir), connection, "--run-config", str(override), "--stream"]
+    cmd = [_exe("flwr"), "run", str(app_dir), connection, "--run-config", str(override), "--format", "json"]
     if federation_config:
         cmd += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(env), cwd=workdir,
-                             timeout=timeout)
-    text = log_path.read_text(errors="replace")
-    run_id = next((ln.split("Successfully started run")[1].split()[0] for ln in text.splitlines()
-                   if "Successfully started run" in ln), None)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(env), cwd=workdir, timeout=timeout)
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n{res.stdout}{res.stderr}")
+    run_id = _json_run_id(res.stdout)
     if res.returncode != 0 or run_id is None:
         raise RuntimeError(f"flwr run failed (exit {res.returncode}); see {log_path}")
-    status = _run_status(connection, run_id, env, workdir)
+    # ``flwr log --stream`` returns once the run has ended and all its logs are out.
+    with open(log_path, "ab") as log:
+        subprocess.run([_exe("flwr"), "log", run_id, connection, "--stream"], stdout=log,
+                       stderr=subprocess.STDOUT, env=dict(env), cwd=workdir, timeout=timeout)
+    status = _run_status(connection, run_id, env, workdir, wait=timeout)
     if not status.endswith("completed"):
         raise RuntimeError(f"run {run_id} ended with status {status!r}; see {log_path}")
     return status
 
 
-def _run_status(connection: str, run_id: str, env: Mapping[str, str], workdir: Path) -> str:
-    for _ in range(60):
+def _json_run_id(stdout: str) -> str | None:
+    """The ``run-id`` of ``flwr run --format json``'s reply (a JSON object, maybe pretty-printed), or None."""
+    decoder = json.JSONDecoder()
+    for i in (i for i, ch in enumerate(stdout) if ch == "{" and (i == 0 or stdout[i - 1] == "\n")):
+        try:
+            reply, _ = decoder.raw_decode(stdout, i)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(reply, dict) and reply.get("success") and reply.get("run-id"):
+            return str(reply["run-id"])
+    return None
+
+
+def _run_status(connection: str, run_id: str, env: Mapping[str, str], workdir: Path, wait: float = 60.0) -> str:
+    """Polls ``flwr ls --run-id --format json`` until the run has finished (at most ``wait`` s)."""
+    end = time.monotonic() + wait
+    status = ""
+    while time.monotonic() < end:
         res = subprocess.run([_exe("flwr"), "ls", connection, "--run-id", run_id, "--format", "json"],
                              capture_output=True, text=True, env=dict(env), cwd=workdir)
         try:

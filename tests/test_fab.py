@@ -83,3 +83,13 @@ def test_app_config_check_catches_a_drift(tmp_path):
     assert check_pyproject(drifted) == ["federated.rank: pyproject has 4, dataclasses give 8"]
     write_pyproject(drifted)
     assert check_pyproject(drifted) == [] and drifted.read_text() == text
+
+
+def test_run_id_comes_from_flwr_run_json_reply():
+    from adaptsim.federated.deploy import _json_run_id
+
+    reply = 'Loading project configuration...\n{"success": true, "run-id": "4711", "federation-id": ""}\n'
+    assert _json_run_id(reply) == "4711"
+    assert _json_run_id('{\n  "success": true,\n  "run-id": "9",\n  "fab-id": "adaptsim/adaptsim"\n}\n') == "9"
+    assert _json_run_id('{"success": false, "error-message": "no SuperLink"}') is None
+    assert _json_run_id("Successfully started run 12") is None  # log text is not scraped
