@@ -183,33 +183,50 @@ def gate_statistics(layers: list[Any], backbone: Any, probes: list[torch.Tensor]
                                                                    if k != "input_task"} if per_task else {}}
 
 
-def _rows(metrics_files: list[Path]) -> dict[tuple[int, str], list[dict[str, Any]]]:
-    rows: dict[tuple[int, str], list[dict[str, Any]]] = {}
+_LABEL_KEYS = ("adapter", "head", "gate", "top_k", "delta", "epochs")
+
+
+def _label(run_dir: Path) -> dict[str, Any]:
+    """The strategy settings that tell runs apart (from ``config.yaml``; {} without one)."""
+    import yaml
+
+    f = run_dir / "config.yaml"
+    strat = (yaml.safe_load(f.read_text()) or {}).get("strategy", {}) if f.exists() else {}
+    return {k: strat.get(k) for k in _LABEL_KEYS}
+
+
+def _rows(metrics_files: list[Path]) -> dict[tuple[str, int, str], list[dict[str, Any]]]:
+    labels = {f: _label(f.parent) for f in metrics_files}
+    varying = [k for k in _LABEL_KEYS if len({str(lab[k]) for lab in labels.values()}) > 1]
+    rows: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for f in metrics_files:
         m = json.loads(f.read_text())
+        name = " ".join(f"{k}={labels[f][k]}" for k in varying) or "all"
         for entry in (m.get("strategy_metrics") or {}).get("gate_stats", []):
             t = entry["after_experience"]
             for key, s in (("old", entry.get("old_inputs")), ("current", entry.get("current_inputs"))):
                 if s:
-                    rows.setdefault((t, key), []).append({**s, "key_norm_per_group": entry["key_norm_per_group"]})
+                    rows.setdefault((name, t, key), []).append({**s, "key_norm_per_group": entry["key_norm_per_group"]})
     return rows
 
 
 def gate_table(path: str | Path) -> str:
-    """Markdown table (mean over runs) of the gate statistics under ``path`` (a run or a study)."""
+    """Markdown table (mean ± std over runs) of the gate statistics under ``path`` (a run or a study)."""
     path = Path(path)
     files = sorted(path.rglob("metrics.json")) if path.is_dir() else [path]
     cols = ("topk_share_old", "topk_share_new", "active_share_old", "active_share_new",
             "no_active_fraction", "mean_active")
-    out = ["| after task | inputs | runs | " + " | ".join(cols) + " | key norm old | key norm new |",
-           "|---" * (len(cols) + 5) + "|"]
-    for (t, key), rs in sorted(_rows(files).items()):
-        def ms(vals: list[float]) -> str:
-            v = torch.tensor(vals, dtype=torch.float64)
-            return f"{float(v.mean()):.3f}" + (f" ± {float(v.std()):.3f}" if len(vals) > 1 else "")
+    out = ["| runs | after task | inputs | n | " + " | ".join(cols) + " | key norm old | key norm new |",
+           "|---" * (len(cols) + 6) + "|"]
+
+    def ms(vals: list[float]) -> str:
+        v = torch.tensor(vals, dtype=torch.float64)
+        return f"{float(v.mean()):.3f}" + (f" ± {float(v.std()):.3f}" if len(vals) > 1 else "")
+
+    for (name, t, key), rs in sorted(_rows(files).items()):
         kn_old = [sum(r["key_norm_per_group"][:-1]) / max(len(r["key_norm_per_group"]) - 1, 1) for r in rs]
         kn_new = [r["key_norm_per_group"][-1] for r in rs]
-        out.append(f"| {t} | {key} | {len(rs)} | " + " | ".join(ms([r[c] for r in rs]) for c in cols)
+        out.append(f"| {name} | {t} | {key} | {len(rs)} | " + " | ".join(ms([r[c] for r in rs]) for c in cols)
                    + f" | {ms(kn_old) if t else '–'} | {ms(kn_new)} |")
     return "\n".join(out)
 

@@ -20,7 +20,7 @@ from adaptsim.strategies import Finetune, FinetuneConfig, MoRA, MoRAConfig, Stre
 from adaptsim.strategies.components.proto_head import FrozenPrototypeHead, adapters_off
 from adaptsim.strategies.mora_gate import MoRALinear, Route, SelfActivationGate
 from adaptsim.strategies.mora_lora import MoRALoRA, lora_baseline_config
-from adaptsim.strategies.mora_stats import GateStats
+from adaptsim.strategies.mora_stats import GateStats, gate_table
 
 FAST = {"epochs": 1, "batch_size": 16, "experts_per_task": 4, "top_k": 4, "seed": 0, "expert_lr": 0.05}
 
@@ -250,6 +250,9 @@ def test_gate_stats_reach_metrics_json(tmp_path):
     m = json.loads((res.run_dir / "metrics.json").read_text())
     gs = m["strategy_metrics"]["gate_stats"]
     assert len(gs) == 3 and gs[2]["old_inputs"]["topk_share_new"] >= 0 and m["strategy_metrics"]["gate"] == "paper"
+    table = gate_table(tmp_path)
+    row = next(r for r in table.splitlines() if r.startswith("| all | 2 | old | 1 |"))
+    assert f"{gs[2]['old_inputs']['topk_share_new']:.3f}" in row
 
 
 @pytest.mark.parametrize("field,value", [("gate", "soft"), ("head", "text"), ("head_scale", 0.0),
