@@ -46,10 +46,14 @@ def continual_summary(m: Mapping[str, Any]) -> dict[str, float]:
 
 
 def unlearning_summary(m: Mapping[str, Any]) -> dict[str, float]:
-    """Final forgotten/retained accuracies and seconds of an unlearning run."""
+    """Final forgotten/retained accuracies, forget quality, utility, mean detector false-positive
+    rate and seconds of an unlearning run."""
+    from adaptsim.cl.unlearning_metrics import summary_numbers
+
     final = m.get("final") or {}
     out = {k: float(final[k]) for k in ("forget_train_acc", "forget_test_acc", "retained_test_acc")
            if _num(final.get(k)) is not None and not math.isnan(final[k])}
+    out.update(summary_numbers(final))
     for k in ("train_seconds", "eval_seconds"):
         if isinstance(m.get(k), list):
             out[k] = float(sum(m[k]))
@@ -114,5 +118,5 @@ register_run_kind(RunKind(
     description="continual unlearning: a trained classifier, then forget requests (O3 and baselines)",
     config_from_raw=_un_from_raw, run=_un_run, prepare=_un_prepare,
     matches=lambda raw: "unlearning" in raw,
-    label=lambda cfg: cfg.method.name, summary=unlearning_summary, resumable=False,
+    label=lambda cfg: cfg.method.name, summary=unlearning_summary,
 ))

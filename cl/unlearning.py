@@ -5,20 +5,27 @@ backbone + linear head) is first trained on all classes; then each request names
 training data must be forgotten. After the original training and after every request the runner
 measures accuracy on the forgotten training data, the forgotten test data (both over every class
 forgotten so far; lower is better), each request's test data, and the retained test data
-(higher is better). The method comes from :mod:`adaptsim.strategies.o3` (``method.name``: ``o3``
-or the baselines ``random_labels``, ``gradient_ascent``, ``retrain``).
+(higher is better); the forget quality (KS test against a retrained model), each detector's
+false-positive rate and weight histogram on the retained test data, and the utility on an
+unrelated dataset (:mod:`adaptsim.cl.unlearning_metrics`). The method comes from
+:mod:`adaptsim.strategies.o3` (``method.name``: ``o3`` or the baselines ``random_labels``,
+``gradient_ascent``, ``retrain``).
 
 YAML layout (``python run_scenario.py scenarios/unlearn_mnist_o3.yaml``)::
 
     unlearning:
-      dataset: {name: mnist5k, train_per_class: 150, test_per_class: 100}
-      requests: [[0], [1], [2]]        # classes forgotten by each request, in order
+      dataset: {name: mnist5k}
+      requests: [[0], [1], [2], [3], [4]]   # classes forgotten by each request, in order
+      utility: digits                  # unrelated dataset of the utility probe (none = off)
     method: {name: o3, epochs: 10}     # O3Config (strategies/o3.py)
     backbone: {name: imgfocus_vit_s14, img_size: 56}
     train: {device: auto, num_threads: 2}
     run: {seed: 0, out_dir: runs}
 
-Run folder: ``config.yaml``, ``metrics.json``, ``unlearning_curve.png``.
+Run folder: ``config.yaml``, ``metrics.json``, ``unlearning_curve.png`` and
+``checkpoints/after_request<j>.pt`` (model state and rows after ``j`` requests; ``adaptsim run
+--resume RUN_DIR`` continues from the last one and ends with the same metrics as an
+uninterrupted run, since every request re-seeds from ``run.seed`` and its index).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from adaptsim.cl.data import DatasetConfig, ImageTensorDataset, load_dataset
 from adaptsim.cl.experiment import ExperimentBase, RunConfig
 from adaptsim.cl.rundir import RunDir
 from adaptsim.cl.train import TrainConfig, fit, seed_everything
+from adaptsim.cl.unlearning_metrics import (HIST_EDGES, detector_fpr, forget_quality, linear_probe,
+                                            weight_histogram)
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +62,16 @@ class UnlearningStream:
     Attributes:
         dataset: which dataset (train and test splits).
         requests: per request, the class ids it forgets (disjoint; at least one class retained).
+        utility: the unrelated dataset of the utility probe (``digits``, scikit-learn's 8x8
+            digits, or ``none`` to skip it): a logistic regression on the unlearned model's
+            features of its train split, accuracy on its test split.
+        utility_per_class: images per class of each utility split (keeps the probe cheap).
     """
 
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    requests: tuple[tuple[int, ...], ...] = ((0,), (1,), (2,))
+    requests: tuple[tuple[int, ...], ...] = ((0,), (1,), (2,), (3,), (4,))
+    utility: str = "digits"
+    utility_per_class: int = 30
 
     def __post_init__(self) -> None:
         if not self.requests or any(not r for r in self.requests):
@@ -66,6 +81,10 @@ class UnlearningStream:
             raise ValueError(f"unlearning.requests must be disjoint, got {self.requests}")
         if any(c < 0 for c in flat):
             raise ValueError(f"unlearning.requests holds a negative class id: {self.requests}")
+        if self.utility not in ("digits", "none"):
+            raise ValueError(f"unlearning.utility must be digits or none, got {self.utility!r}")
+        if self.utility_per_class < 1:
+            raise ValueError(f"unlearning.utility_per_class must be >= 1, got {self.utility_per_class}")
 
 
 def _parse_method(raw: Any) -> Any:
@@ -114,15 +133,17 @@ def split_request(ds: ImageTensorDataset,
 
 
 def _evaluate(model, train: ImageTensorDataset, test: ImageTensorDataset,
-              requests: tuple[tuple[int, ...], ...], done: int) -> dict[str, Any]:
-    """Accuracies after ``done`` requests (0 = the original classifier).
+              requests: tuple[tuple[int, ...], ...], done: int, *, base_train: torch.Tensor,
+              fit_fn, seed: int, utility: tuple[ImageTensorDataset, ImageTensorDataset] | None) -> dict[str, Any]:
+    """Measurements after ``done`` requests (0 = the original classifier).
 
     The test set and the forgotten training data are each predicted once; every accuracy is a
-    mean over a class mask of those predictions.
+    mean over a class mask of those predictions. ``base_train`` (N, D) holds the frozen base
+    features of ``train``, on which the forget-quality reference head is retrained.
     """
     forgotten = sorted({c for r in requests[:done] for c in r})
-    pred, w = model.predict_dataset(test)
-    correct = (pred == test.y).float()
+    out = model.predict_full(test.x)
+    correct = (out["pred"] == test.y).float()
 
     def mean(values: torch.Tensor, classes: list[int], inside: bool = True) -> float:
         mask = torch.isin(test.y, torch.tensor(classes, dtype=torch.long))
@@ -130,15 +151,32 @@ def _evaluate(model, train: ImageTensorDataset, test: ImageTensorDataset,
         return values[mask].mean().item() if mask.any() else float("nan")
 
     row: dict[str, Any] = {"requests_done": done}
+    nan = float("nan")
     if forgotten:
-        f_train = split_request(train, set(forgotten))[0]
-        row["forget_train_acc"] = model.accuracy(f_train)[0]
-        row["forget_test_acc"], row["forget_test_weight"] = mean(correct, forgotten), mean(w, forgotten)
+        in_f = torch.isin(train.y, torch.tensor(forgotten, dtype=torch.long))
+        f_train = train.subset(torch.nonzero(in_f).flatten())
+        fo = model.predict_full(f_train.x)
+        row["forget_train_acc"] = (fo["pred"] == f_train.y).float().mean().item()
+        row["forget_test_acc"], row["forget_test_weight"] = mean(correct, forgotten), mean(out["w"], forgotten)
+        ref = model.retrained_head(base_train[~in_f], train.y[~in_f], fit_fn, seed)
+        with torch.no_grad():
+            p_ref = ref(base_train[in_f].to(model.device)).softmax(-1).cpu()
+        idx = torch.arange(len(f_train))
+        row.update(forget_quality(fo["prob"][idx, f_train.y], p_ref[idx, f_train.y]))
     else:
-        row["forget_train_acc"] = row["forget_test_acc"] = row["forget_test_weight"] = float("nan")
+        row.update(forget_train_acc=nan, forget_test_acc=nan, forget_test_weight=nan, forget_quality=nan,
+                   forget_ks=nan)
     row["retained_test_acc"] = mean(correct, forgotten, inside=False)
-    row["retained_test_weight"] = mean(w, forgotten, inside=False)
+    row["retained_test_weight"] = mean(out["w"], forgotten, inside=False)
     row["request_test_acc"] = [mean(correct, list(r)) for r in requests]
+    kept = ~torch.isin(test.y, torch.tensor(forgotten, dtype=torch.long))
+    row["detector_fpr"] = detector_fpr(out["wk"], kept)
+    row["detector_weight_hist"] = [weight_histogram(w[kept]) for w in out["wk"]]
+    row["retained_weight_hist"] = weight_histogram(out["w"][kept])
+    if utility is not None:
+        u_train, u_test = (model.predict_full(d.x) for d in utility)
+        row["utility_acc"] = linear_probe(u_train["pooled"], utility[0].y, u_test["pooled"], utility[1].y)
+        row["utility_weight"] = torch.cat([u_train["w"], u_test["w"]]).mean().item()
     return row
 
 
@@ -165,53 +203,93 @@ def run_unlearning(cfg: UnlearningExperiment):
     return engine.run_config(cfg, kind="unlearning")
 
 
+def _numbers(stats: Mapping[str, Any] | None) -> dict[str, float]:
+    return {k: float(v) for k, v in (stats or {}).items() if isinstance(v, (int, float))}
+
+
+def _utility_data(cfg: UnlearningExperiment) -> tuple[ImageTensorDataset, ImageTensorDataset] | None:
+    if cfg.unlearning.utility == "none":
+        return None
+    n = cfg.unlearning.utility_per_class
+    return load_dataset(DatasetConfig(name="digits", train_per_class=n, test_per_class=n, seed=cfg.run.seed))
+
+
 def run_requests(cfg: UnlearningExperiment, rd: RunDir, *, resume: bool = False,
-                 stop_after: int | None = None, prepared=None) -> dict[str, Any]:
+                 stop_after: int | None = None, prepared=None) -> dict[str, Any] | None:
     """The ``unlearning`` run kind: trains the original classifier, processes every request,
-    evaluates after each, and writes ``metrics.json`` and the plot into ``rd``."""
+    evaluates after each, checkpoints (``checkpoints/after_request<j>.pt``), and writes
+    ``metrics.json`` and the plot into ``rd``.
+
+    Args:
+        resume: continue from the folder's last checkpoint.
+        stop_after: stop (returning None, the run stays resumable) before request ``stop_after``
+            (0 = after the original classifier).
+    """
     from adaptsim.strategies.o3 import O3Unlearner
 
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     device = cfg.train.resolved_device()
     train, test = prepared if prepared is not None else prepare_unlearning(cfg)
+    utility = _utility_data(cfg)
     n_classes = len(train.class_names)
+    requests = cfg.unlearning.requests
     wall0 = time.perf_counter()
     seed_everything(cfg.run.seed)
     backbone = create_backbone(cfg.backbone).to(device).eval()
     model = O3Unlearner(cfg.method, backbone, n_classes, device=device, seed=cfg.run.seed)
     fit_fn = lambda phase: fit(phase, device=device, progress=cfg.train.progress)  # noqa: E731
-    t0 = time.perf_counter()
-    stats = [model.fit_original(train, fit_fn)]
-    train_s = [time.perf_counter() - t0]
-    t0 = time.perf_counter()
-    rows = [_evaluate(model, train, test, cfg.unlearning.requests, 0)]
-    eval_s = [time.perf_counter() - t0]
-    log.info("original: retained_test_acc=%.3f", rows[0]["retained_test_acc"])
-    forgotten: set[int] = set()
-    for j, classes in enumerate(cfg.unlearning.requests):
+    base_train = model.base_features(train.x).cpu()  # (N, D): the forget-quality reference's input
+
+    def evaluate(done: int) -> None:
+        t0 = time.perf_counter()
+        state["rows"].append(_evaluate(model, train, test, requests, done, base_train=base_train,
+                                       fit_fn=fit_fn, seed=cfg.run.seed * 1000 + 500 + done, utility=utility))
+        state["eval_seconds"].append(time.perf_counter() - t0)
+        if cfg.run.checkpoint:
+            rd.save_checkpoint(f"after_request{done}.pt", {"model": model.checkpoint_state(), "run_state": state})
+
+    state: dict[str, Any] = {"rows": [], "stats": [], "train_seconds": [], "eval_seconds": []}
+    start = 0
+    if resume and (cp := rd.latest_checkpoint("after_request")) is not None:
+        start, path = cp
+        ckpt = rd.load_checkpoint(path, map_location=device)
+        model.load_checkpoint_state(ckpt["model"])
+        state = ckpt["run_state"]
+        log.info("resumed %s after request %d", rd.path, start)
+    else:
+        t0 = time.perf_counter()
+        state["stats"].append(_numbers(model.fit_original(train, fit_fn)))
+        state["train_seconds"].append(time.perf_counter() - t0)
+        evaluate(0)
+        log.info("original: retained_test_acc=%.3f", state["rows"][0]["retained_test_acc"])
+    for j in range(start, len(requests)):
+        if stop_after is not None and j >= stop_after:
+            return None
+        classes = requests[j]
         seed_everything(cfg.run.seed * 1000 + j + 1)
-        forgotten |= set(classes)
-        forget, retained = split_request(train, forgotten)
+        forgotten = {c for r in requests[: j + 1] for c in r}
+        _, retained = split_request(train, forgotten)
         forget_j, _ = split_request(train, set(classes))
         t0 = time.perf_counter()
-        stats.append(model.unlearn(forget_j, retained, fit_fn))
-        train_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        rows.append(_evaluate(model, train, test, cfg.unlearning.requests, j + 1))
-        eval_s.append(time.perf_counter() - t0)
-        log.info("after request %d (forget %s): forget_train=%.3f forget_test=%.3f retained_test=%.3f",
-                 j + 1, list(classes), rows[-1]["forget_train_acc"], rows[-1]["forget_test_acc"],
-                 rows[-1]["retained_test_acc"])
+        state["stats"].append(_numbers(model.unlearn(forget_j, retained, fit_fn)))
+        state["train_seconds"].append(time.perf_counter() - t0)
+        evaluate(j + 1)
+        row = state["rows"][-1]
+        log.info("after request %d (forget %s): forget_train=%.3f forget_test=%.3f retained_test=%.3f "
+                 "forget_quality=%.3g", j + 1, list(classes), row["forget_train_acc"], row["forget_test_acc"],
+                 row["retained_test_acc"], row["forget_quality"])
+    rows = state["rows"]
     metrics = {
         "method": cfg.method.name,
-        "requests": [list(r) for r in cfg.unlearning.requests],
+        "requests": [list(r) for r in requests],
         "rows": rows,
         "final": rows[-1],
         "original_retained_test_acc": rows[0]["retained_test_acc"],
-        "train_seconds": train_s,
-        "eval_seconds": eval_s,
-        "train_stats": [{k: float(v) for k, v in s.items() if isinstance(v, (int, float))} for s in stats],
+        "weight_hist_edges": list(HIST_EDGES),
+        "train_seconds": state["train_seconds"],
+        "eval_seconds": state["eval_seconds"],
+        "train_stats": state["stats"],
         "wall_seconds": time.perf_counter() - wall0,
     }
     rd.write_metrics(metrics)

@@ -18,6 +18,7 @@ from adaptsim.strategies.finetune import Finetune, FinetuneConfig
 from adaptsim.strategies.joint import Joint, JointConfig
 from adaptsim.strategies.mora import MoRA, MoRAConfig
 from adaptsim.strategies.mos import MOS, MOSConfig
+from adaptsim.strategies.o3 import O3, O3Config
 from adaptsim.strategies.sema import SEMA, SEMAConfig
 from adaptsim.strategies.simplecil import SimpleCIL, SimpleCILConfig
 
@@ -37,6 +38,8 @@ __all__ = [
     "MoRAConfig",
     "MOS",
     "MOSConfig",
+    "O3",
+    "O3Config",
     "SEMA",
     "SEMAConfig",
     "SimpleCIL",

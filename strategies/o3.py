@@ -8,10 +8,12 @@ The classifier is the frozen backbone plus a linear head trained on all classes
 (:meth:`O3Unlearner.unlearn`); ``config.name`` picks how:
 
 * ``o3``: one unlearning LoRA continued across requests, trained with cross-entropy on the
-  request's data under fixed random labels plus ``orth_weight * sum_layers sum_{i<j}
-  ||A_i A_j^T||_F^2`` against the A matrices saved after each earlier request
-  (:func:`orthogonal_penalty`). One OOD detector per request (:mod:`.o3_detector`). At inference
-  each sample's unlearning-LoRA scale is the max soft weight over the detectors.
+  request's data under fixed random labels plus ``orth_weight * mean_blocks sum_{i<t}
+  ||A_i A_t^T||_F^2`` between the current A_t and the A_i saved after each earlier request
+  (:func:`orthogonal_penalty`; summed over a block's LoRA layers and averaged over blocks, as the
+  official ``modeling_llama_hacked_o.py`` divides by ``layer_number``; ``orth_reduction: sum``
+  sums over layers instead). One OOD detector per request (:mod:`.o3_detector`). At inference
+  each sample's unlearning-LoRA scale is the max post-processed weight over the detectors.
 * ``random_labels``: the same loss without the orthogonality term and without detectors (the
   LoRA applies at scale 1 to every input).
 * ``gradient_ascent``: LoRA trained to maximise cross-entropy on the request's true labels,
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
@@ -51,7 +54,7 @@ from adaptsim.strategies.o3_detector import O3Detector, O3DetectorConfig, vit_la
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "O3Config", "O3Unlearner", "orthogonal_penalty"]
+__all__ = ["METHODS", "O3", "O3Config", "O3Unlearner", "orthogonal_penalty"]
 
 METHODS = ("o3", "random_labels", "gradient_ascent", "retrain")
 
@@ -71,6 +74,9 @@ class O3Config:
         batch_size: unlearning batch size.
         optimizer: ``adamw`` | ``adam`` | ``sgd`` (no weight decay, see module docstring).
         orth_weight: lambda of the orthogonality penalty (official 0.1; ``o3`` only).
+        orth_reduction: ``mean`` (official: summed over a block's LoRA layers, averaged over
+            blocks) or ``sum`` (summed over every LoRA layer; with ``qkv`` on 12 blocks, 12x
+            stronger).
         ga_ce_cap: gradient ascent stops pushing once the batch cross-entropy exceeds this.
         head_epochs: epochs of the original (and retrained) linear head.
         head_lr: learning rate of the head.
@@ -88,6 +94,7 @@ class O3Config:
     batch_size: int = 32
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     orth_weight: float = 0.1
+    orth_reduction: Literal["mean", "sum"] = "mean"
     ga_ce_cap: float = 5.0
     head_epochs: int = 20
     head_lr: float = 0.01
@@ -104,27 +111,44 @@ class O3Config:
             raise ValueError("lr and head_lr must be > 0")
         if self.orth_weight < 0:
             raise ValueError(f"orth_weight must be >= 0, got {self.orth_weight}")
+        if self.orth_reduction not in ("mean", "sum"):
+            raise ValueError(f"orth_reduction must be mean or sum, got {self.orth_reduction!r}")
         if self.ga_ce_cap <= 0:
             raise ValueError(f"ga_ce_cap must be > 0, got {self.ga_ce_cap}")
         if not self.targets:
             raise ValueError("targets must name at least one layer")
 
 
-def orthogonal_penalty(current: list[Tensor], previous: list[list[Tensor]]) -> Tensor:
-    """O3's orthogonality penalty ``sum_l sum_i ||A_i^l (A^l)^T||_F^2``.
+def orthogonal_penalty(current: list[Tensor], previous: list[list[Tensor]], *, reduction: str = "sum",
+                       groups: list[int] | None = None) -> Tensor:
+    """O3's orthogonality penalty ``sum_i ||A_i^l (A^l)^T||_F^2`` reduced over the LoRA layers ``l``.
 
     Args:
         current: per LoRA layer ``l`` the current down projection A^l (r, K).
         previous: per earlier request ``i``, the list of its saved A_i^l (r, K), same order.
+        reduction: ``sum`` over layers, or ``mean``: summed within each group (transformer block)
+            and averaged over groups (official).
+        groups: per layer, its block id (default: every layer its own block).
 
     Returns:
         Scalar penalty (0 when there is no earlier request).
     """
-    total = current[0].new_zeros(())
+    per_layer = [current[0].new_zeros(()) for _ in current]
     for saved in previous:
-        for a_prev, a_cur in zip(saved, current):
-            total = total + (a_prev @ a_cur.T).pow(2).sum()  # ||(r, r)||_F^2
+        for l, (a_prev, a_cur) in enumerate(zip(saved, current)):
+            per_layer[l] = per_layer[l] + (a_prev @ a_cur.T).pow(2).sum()  # ||(r, r)||_F^2
+    total = torch.stack(per_layer).sum()
+    if reduction == "mean":
+        return total / len(set(groups if groups is not None else range(len(current))))
+    if reduction != "sum":
+        raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
     return total
+
+
+def _block_id(name: str) -> str:
+    """``blocks.3.attn.qkv`` → ``blocks.3`` (the transformer block a LoRA layer sits in)."""
+    m = re.match(r"(.*?blocks\.\d+)\.", name)
+    return m.group(1) if m else name
 
 
 class O3Unlearner(nn.Module):
@@ -141,6 +165,9 @@ class O3Unlearner(nn.Module):
         layers = inject_lora(backbone.model, list(config.targets), r * slots, config.alpha * slots,
                              seed=seed)
         self.lora = nn.ModuleDict({k.replace(".", "_"): v for k, v in layers.items()}).to(self.device)
+        # per (A, B) pair of unlearn_A(): its block, for the official per-block mean of the penalty
+        blocks = [_block_id(k) for k, v in layers.items() for _ in v.pairs()]
+        self.orth_groups = [sorted(set(blocks)).index(b) for b in blocks]
         self.head = nn.Linear(backbone.embed_dim, n_classes).to(self.device)
         self.detectors: list[O3Detector] = []
         self.saved_A: list[list[Tensor]] = []  # per finished request: per layer (r, K)
@@ -194,14 +221,28 @@ class O3Unlearner(nn.Module):
         return torch.cat([o[0] for o in outs]), [torch.cat(f) for f in zip(*[o[1] for o in outs])]
 
     # ----------------------------------------------------------------------------- training
+    def base_features(self, x: Tensor) -> Tensor:
+        """Pooled features (N, D) of the frozen base model (no LoRA), batched."""
+        return self._batched(x, 0, 0.0)[0]
+
+    def _train_head(self, head: nn.Linear, feats: Tensor, y: Tensor, fit: FitFn, seed: int) -> dict:
+        cfg = self.config
+        data = TensorDataset(feats.to(self.device), y.to(self.device))
+        return fit(Phase("head", list(head.parameters()), lambda f, t: F.cross_entropy(head(f), t),
+                         data, cfg.head_epochs, cfg.head_lr, 64, optimizer="adamw", seed=seed))
+
     def _fit_head(self, ds: ImageTensorDataset, fit: FitFn, seed: int) -> dict:
         torch.manual_seed(seed)
         self.head.reset_parameters()
-        feats = self._batched(ds.x, 0, 0.0)[0]  # (N, D) frozen base features
-        data = TensorDataset(feats, ds.y.to(self.device))
-        cfg = self.config
-        return fit(Phase("head", list(self.head.parameters()), lambda f, y: F.cross_entropy(self.head(f), y),
-                         data, cfg.head_epochs, cfg.head_lr, 64, optimizer="adamw", seed=seed))
+        return self._train_head(self.head, self.base_features(ds.x), ds.y, fit, seed)
+
+    def retrained_head(self, feats: Tensor, y: Tensor, fit: FitFn, seed: int) -> nn.Linear:
+        """A fresh head trained on base features ``feats`` (N, D) of the retained data: the
+        exact-unlearning reference of the forget-quality test (``self.head`` is untouched)."""
+        torch.manual_seed(seed)
+        head = nn.Linear(self.backbone.embed_dim, self.n_classes).to(self.device)
+        self._train_head(head, feats, y, fit, seed)
+        return head.requires_grad_(False)
 
     def fit_original(self, train: ImageTensorDataset, fit: FitFn) -> dict:
         """Trains the original classifier (linear head on frozen features) on all classes."""
@@ -254,7 +295,8 @@ class O3Unlearner(nn.Module):
             if cfg.name == "gradient_ascent":
                 return -ce.clamp(max=cfg.ga_ce_cap)
             if previous:
-                return ce + cfg.orth_weight * orthogonal_penalty(self.unlearn_A(), previous)
+                return ce + cfg.orth_weight * orthogonal_penalty(
+                    self.unlearn_A(), previous, reduction=cfg.orth_reduction, groups=self.orth_groups)
             return ce
 
         # weight_decay=0: the phase sees the whole stacked A/B; decay would touch detector blocks.
@@ -265,6 +307,13 @@ class O3Unlearner(nn.Module):
         finally:
             self.head.requires_grad_(True)
 
+    def _slot_vector(self, slot: int) -> Tensor:
+        """The detector rank block ``slot`` of every layer's A and B, flattened (a copy)."""
+        r = self.config.rank
+        parts = [t for layer in self.lora.values() for A, B, _ in layer.pairs()
+                 for t in (A[slot * r:(slot + 1) * r].flatten(), B[:, slot * r:(slot + 1) * r].flatten())]
+        return torch.cat(parts).detach().clone()
+
     def _fit_detector(self, forget: ImageTensorDataset, j: int, fit: FitFn, seed: int) -> dict:
         dcfg = self.config.detector
         gen = torch.Generator().manual_seed(seed)
@@ -273,18 +322,40 @@ class O3Unlearner(nn.Module):
         held, fit_idx = perm[:n_held], perm[n_held:]
         det = O3Detector(dcfg)
         slot = j + 1
+        theta0, epochs, movement = self._slot_vector(slot), 0, 0.0
         if dcfg.epochs > 0:
             loss_fn = det.contrastive_loss_fn(lambda x: self.encode(x, slot, 1.0)[1],
                                               lambda x: self.encode(x, 0, 0.0)[1], gen)
-            fit(Phase(f"detector_{j}", self.lora_params(), loss_fn,
-                      TensorDataset(forget.x[fit_idx], forget.y[fit_idx]), dcfg.epochs, dcfg.lr,
-                      dcfg.batch_size, optimizer="adamw", weight_decay=0.0, seed=seed))
+            data = TensorDataset(forget.x[fit_idx], forget.y[fit_idx])
+
+            def train(n: int) -> None:  # a new seed per call: each extra epoch sees a new order
+                fit(Phase(f"detector_{j}", self.lora_params(), loss_fn, data, n, dcfg.lr, dcfg.batch_size,
+                          optimizer="adamw", weight_decay=0.0, seed=seed + epochs))
+
+            train(dcfg.epochs)
+            epochs = dcfg.epochs
+            movement = self._movement(slot, theta0)
+            while movement < dcfg.min_movement and epochs < dcfg.max_epochs:
+                train(1)
+                epochs += 1
+                movement = self._movement(slot, theta0)
         stats = det.fit(self._batched(forget.x[fit_idx], slot, 1.0)[1],
                         self._batched(forget.x[held], slot, 1.0)[1])
         self.detectors.append(det)
-        return stats
+        return {**stats, "epochs": float(epochs), "adapter_rel_change": movement, "n_fit": float(len(fit_idx)),
+                "n_held": float(len(held))}
+
+    def _movement(self, slot: int, theta0: Tensor) -> float:
+        """Relative L2 change of the detector block since ``theta0`` (B starts at 0, so the
+        denominator is the initial A's norm)."""
+        return float((self._slot_vector(slot) - theta0).norm() / theta0.norm().clamp_min(1e-12))
 
     # ----------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def detector_weights(self, x: Tensor) -> Tensor:
+        """Per-detector post-processed weights (K, B) (``o3`` only; K = requests so far)."""
+        return torch.stack([det.weight(self.encode(x, k + 1, 1.0)[1]) for k, det in enumerate(self.detectors)])
+
     @torch.no_grad()
     def unlearn_weight(self, x: Tensor) -> Tensor:
         """Per-sample scale (B,) of the unlearning LoRA."""
@@ -292,8 +363,7 @@ class O3Unlearner(nn.Module):
             return torch.zeros(len(x))
         if self.config.name != "o3":
             return torch.ones(len(x))
-        ws = [det.weight(self.encode(x, k + 1, 1.0)[1]) for k, det in enumerate(self.detectors)]
-        return torch.stack(ws).max(0).values  # (B,)
+        return self.detector_weights(x).max(0).values  # (B,)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -303,15 +373,32 @@ class O3Unlearner(nn.Module):
         return self.head(pooled)
 
     @torch.no_grad()
+    def predict_full(self, x: Tensor) -> dict[str, Tensor]:
+        """Batched inference over images ``x`` (N, C, H, W).
+
+        Returns:
+            ``pred`` (N,) classes, ``prob`` (N, n_classes) softmax probabilities, ``w`` (N,) the
+            unlearning LoRA's scale, ``wk`` (K, N) each detector's weight (K = 0 unless ``o3``),
+            ``pooled`` (N, D) the features the head saw.
+        """
+        bs, out = self.config.eval_batch_size, {"pred": [], "prob": [], "w": [], "wk": [], "pooled": []}
+        use_det = self.config.name == "o3" and self.detectors
+        for i in range(0, len(x), bs):
+            xb = x[i:i + bs]
+            wk = self.detector_weights(xb) if use_det else torch.zeros(0, len(xb))
+            w = wk.max(0).values if use_det else self.unlearn_weight(xb)
+            pooled, _ = self.encode(xb, 0, w.to(self.device))
+            prob = self.head(pooled).softmax(-1).cpu()
+            for k, v in (("pred", prob.argmax(1)), ("prob", prob), ("w", w.cpu()), ("wk", wk.cpu()),
+                         ("pooled", pooled.cpu())):
+                out[k].append(v)
+        return {k: torch.cat(v, dim=1 if k == "wk" else 0) for k, v in out.items()}
+
+    @torch.no_grad()
     def predict_dataset(self, ds: ImageTensorDataset) -> tuple[Tensor, Tensor]:
         """Predicted classes (N,) and unlearning weights (N,) of a whole dataset, batched."""
-        bs, preds, ws = self.config.eval_batch_size, [], []
-        for i in range(0, len(ds), bs):
-            w = self.unlearn_weight(ds.x[i:i + bs]).to(self.device)
-            pooled, _ = self.encode(ds.x[i:i + bs], 0, w)
-            preds.append(self.head(pooled).argmax(1).cpu())
-            ws.append(w.cpu())
-        return torch.cat(preds), torch.cat(ws)
+        out = self.predict_full(ds.x)
+        return out["pred"], out["w"]
 
     def accuracy(self, ds: ImageTensorDataset) -> tuple[float, float]:
         """(accuracy, mean unlearning weight) on ``ds``."""
@@ -319,3 +406,29 @@ class O3Unlearner(nn.Module):
             return float("nan"), float("nan")
         pred, w = self.predict_dataset(ds)
         return (pred == ds.y).float().mean().item(), w.mean().item()
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def checkpoint_state(self) -> dict:
+        """Everything that changes across requests, as tensors and plain values (for
+        ``torch.load(weights_only=True)``): LoRA A/B, head, saved A's, detectors' fit features."""
+        lora = {k: v for k, v in self.lora.state_dict().items() if ".lora_" in k or k.startswith("lora_")}
+        return {"lora": lora, "head": self.head.state_dict(), "saved_A": self.saved_A,
+                "forgotten": list(self.forgotten), "n_requests": self.n_requests,
+                "detectors": [d.state_dict() for d in self.detectors]}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restores :meth:`checkpoint_state` (detectors are refitted on their saved features)."""
+        missing = self.lora.load_state_dict(state["lora"], strict=False).missing_keys
+        if any("lora_" in k for k in missing):
+            raise ValueError(f"checkpoint lacks LoRA tensors {[k for k in missing if 'lora_' in k][:3]}")
+        self.head.load_state_dict(state["head"])
+        self.saved_A = [[a.to(self.device) for a in saved] for saved in state["saved_A"]]
+        self.forgotten, self.n_requests = list(state["forgotten"]), int(state["n_requests"])
+        self.detectors = []
+        for d in state["detectors"]:
+            det = O3Detector(self.config.detector)
+            det.load_state_dict(d)
+            self.detectors.append(det)
+
+
+O3 = O3Unlearner  # ``from adaptsim.strategies import O3``, like the other methods

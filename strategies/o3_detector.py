@@ -11,10 +11,13 @@ One detector is fitted per unlearning request on that request's data only (no re
    layer, the token means ``z1`` (B, d) and ``z2`` (B, d) give a (B, B) similarity matrix whose
    row-softmax entropy is minimised (:func:`contrastive_entropy`).
 2. **Glocal layer score.** With the trained detector LoRA, each layer ``l`` gets
-   ``s_l(x) = local_weight * max_cos(x, train_l) - 0.5 * maha_l(x)`` (:class:`GlocalScorer`).
+   ``s_l(x) = local_sign * local_weight * max_cos(x, train_l) - 0.5 * maha_l(x)``
+   (:class:`GlocalScorer`; official ``local_sign = -1``: ``-cs_score * 1000. + gaussian_score`` in
+   ``ScienceQA_expriment/src/ood_model_selector.py``).
 3. **OCSVM.** The (B, L) layer scores are aggregated by a scikit-learn ``OneClassSVM``.
 4. **Soft weight.** A two-Gaussian CDF ``F`` fitted on the OCSVM scores of the fit split and of a
-   held-out split of the request's data maps a score to a weight in [0, 1] (:class:`SoftWeight`).
+   held-out split of the request's data maps a score to a sigmoid weight, which the official
+   gate turns into a near-binary one (:mod:`.o3_weights`, ``postprocess``).
 
 Departures from the official code (all deliberate, see docs/methods/o3.md):
 * images, not text: the "masked view" masks random cells of a ``mask_grid`` x ``mask_grid`` grid
@@ -28,8 +31,11 @@ Departures from the official code (all deliberate, see docs/methods/o3.md):
   the OCSVM (linear by default, as official), so its score rises with every layer score; the
   official code uses raw scores and picks the score's sign by peeking at OOD data (we never use
   retained data);
-* the weight is vectorised over a batch (official: one sample at a time), optionally one-sided
-  (scores above the in-distribution centre keep the full weight) and rescaled to [0, 1].
+* the weight is vectorised over a batch (official: one sample at a time) and optionally
+  one-sided (``weight_fn: one_sided``: scores above the centre keep the full weight);
+* the detector LoRA trains at least ``epochs`` and then on until its rank block has moved by
+  ``min_movement`` (relative L2 change of its A and B), at most ``max_epochs``: the official code
+  trains a fixed 2 epochs, which on a few hundred images is a handful of steps.
 """
 
 from __future__ import annotations
@@ -43,13 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adaptsim.strategies.o3_weights import POSTPROCESS, SoftWeight
+
 log = logging.getLogger(__name__)
 
 __all__ = ["O3DetectorConfig", "contrastive_entropy", "mask_patches", "vit_layer_features",
            "GlocalScorer", "SoftWeight", "O3Detector"]
-
-# sigmoid(10 * (1 - |dF|) - 2) ranges over [sigmoid(-2), sigmoid(8)]
-_W_LO, _W_HI = float(torch.sigmoid(torch.tensor(-2.0))), float(torch.sigmoid(torch.tensor(8.0)))
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class O3DetectorConfig:
     Attributes:
         layers: backbone block indices whose token means are used (negative = from the end).
         epochs: contrastive-entropy epochs of the detector LoRA (0 = scores on the frozen backbone).
+        min_movement: after ``epochs``, keep training one epoch at a time until the detector rank
+            block's relative L2 change ``||theta - theta_0|| / ||theta_0||`` reaches this (0 = off).
+        max_epochs: cap on the epochs of that loop (>= ``epochs``).
         lr: detector LoRA learning rate (AdamW).
         batch_size: contrastive batch size (the similarity matrix is batch x batch).
         temperature: softmax temperature of the cosine similarities.
@@ -66,16 +74,24 @@ class O3DetectorConfig:
         mask_grid: the masked view hides cells of a ``mask_grid`` x ``mask_grid`` grid.
         mask_ratio: fraction of cells hidden.
         local_weight: weight of the max-cosine (local) term; official 1000.
+        local_sign: sign of the local term: -1 (official, ``-1000 * max_cos``) or +1.
         ocsvm_kernel: the official ``linear`` or ``rbf`` (two-sided: very high scores count as outliers).
         ocsvm_nu: OCSVM nu (official 0.1).
         held_out: fraction of the request's data held out to fit the second Gaussian.
-        weight_fn: ``symmetric`` (paper: sigmoid(10 (1 - |F(x) - F(2 x0 - x)|) - 2)) or
-            ``one_sided`` (as symmetric below the centre x0, full weight above it).
-        rescale: map the weight's range [sigmoid(-2), sigmoid(8)] linearly onto [0, 1].
+        weight_fn: ``symmetric`` (official: sigmoid(10 (1 - |F(x) - F(2 x0 - x)|) - 2)) or
+            ``one_sided`` (as symmetric below the centre x0, full weight above it; meant for
+            ``local_sign: 1``, where the score rises towards the request's data).
+        postprocess: the official gate on the raw sigmoid weight: ``scienceqa`` (default,
+            ``eval_o3.py``: w > 0.9 → 1.2, 0.3 < w <= 0.4 → w, else 0), ``tofu`` (``run_ood.py``:
+            w >= 0.32 → 1, 0.2 < w < 0.32 → 10 w², else 0) or ``none`` (the raw sigmoid).
+        rescale: map the raw weight's range [sigmoid(-2), sigmoid(8)] linearly onto [0, 1] (only
+            with ``postprocess: none``; the official gates threshold the raw sigmoid).
     """
 
     layers: tuple[int, ...] = (-4, -3, -2, -1)
     epochs: int = 2
+    min_movement: float = 0.05
+    max_epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 32
     temperature: float = 0.1
@@ -83,11 +99,13 @@ class O3DetectorConfig:
     mask_grid: int = 4
     mask_ratio: float = 0.3
     local_weight: float = 1000.0
+    local_sign: int = -1
     ocsvm_kernel: Literal["rbf", "linear"] = "linear"
     ocsvm_nu: float = 0.1
     held_out: float = 0.2
-    weight_fn: Literal["symmetric", "one_sided"] = "one_sided"
-    rescale: bool = True
+    weight_fn: Literal["symmetric", "one_sided"] = "symmetric"
+    postprocess: Literal["scienceqa", "tofu", "none"] = "scienceqa"
+    rescale: bool = False
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -106,6 +124,15 @@ class O3DetectorConfig:
             raise ValueError(f"detector.held_out must be in (0, 1), got {self.held_out}")
         if self.ocsvm_kernel not in ("rbf", "linear"):
             raise ValueError(f"detector.ocsvm_kernel must be rbf or linear, got {self.ocsvm_kernel!r}")
+        if self.min_movement < 0 or self.max_epochs < self.epochs:
+            raise ValueError(f"detector.min_movement must be >= 0 and detector.max_epochs >= detector.epochs, "
+                             f"got {self.min_movement} and {self.max_epochs}")
+        if self.local_sign not in (-1, 1):
+            raise ValueError(f"detector.local_sign must be -1 or 1, got {self.local_sign}")
+        if self.postprocess not in POSTPROCESS:
+            raise ValueError(f"detector.postprocess must be one of {POSTPROCESS}, got {self.postprocess!r}")
+        if self.rescale and self.postprocess != "none":
+            raise ValueError("detector.rescale needs detector.postprocess: none")
         if self.weight_fn not in ("symmetric", "one_sided"):
             raise ValueError(f"detector.weight_fn must be symmetric or one_sided, got {self.weight_fn!r}")
 
@@ -191,8 +218,8 @@ def contrastive_entropy(z1: list[Tensor], z2: list[Tensor], temperature: float =
 class GlocalScorer:
     """Local (max cosine to the fit features) + global (Mahalanobis) score per layer."""
 
-    def __init__(self, local_weight: float = 1000.0) -> None:
-        self.local_weight = local_weight
+    def __init__(self, local_weight: float = 1000.0, local_sign: int = -1) -> None:
+        self.local_weight, self.local_sign = local_weight, local_sign
         self.train: list[Tensor] = []      # per layer (N, d), L2-normalised
         self.mean: list[Tensor] = []       # per layer (d,)
         self.precision: list[Tensor] = []  # per layer (d, d)
@@ -211,7 +238,7 @@ class GlocalScorer:
         return self
 
     def score(self, feats: list[Tensor], exclude_self: bool = False) -> Tensor:
-        """(B, L) layer scores, higher = more like the request's data.
+        """(B, L) layer scores ``local_sign * local_weight * max_cos - 0.5 * maha``.
 
         Args:
             feats: per layer (B, d) features.
@@ -227,45 +254,8 @@ class GlocalScorer:
                 cos = cos.masked_fill(cos > 1.0 - 1e-9, -1.0)
             d = f - mu
             maha = ((d @ prec) * d).sum(-1)  # (B,)
-            cols.append(self.local_weight * cos.max(1).values - 0.5 * maha)
+            cols.append(self.local_sign * self.local_weight * cos.max(1).values - 0.5 * maha)
         return torch.stack(cols, 1)
-
-
-class SoftWeight:
-    """Two-Gaussian CDF soft weight (official ``weighting_func_gmm`` + ``obtain_weights``).
-
-    Both Gaussians get the held-out split's std and weight 0.5, as in the official code; the
-    centre ``x0`` is the midpoint of the two means.
-    """
-
-    def __init__(self, kind: str = "one_sided", rescale: bool = True) -> None:
-        self.kind, self.rescale = kind, rescale
-        self.means = (0.0, 0.0)
-        self.std = 1.0
-        self.x0 = 0.0
-
-    def fit(self, fit_scores: np.ndarray, held_scores: np.ndarray) -> "SoftWeight":
-        m1, m2 = float(np.mean(fit_scores)), float(np.mean(held_scores))
-        self.means = (m1, m2)
-        self.std = max(float(np.std(held_scores)), 1e-6)
-        self.x0 = 0.5 * (m1 + m2)
-        return self
-
-    def cdf(self, s: np.ndarray) -> np.ndarray:
-        from scipy.stats import norm
-
-        return 0.5 * (norm.cdf(s, self.means[0], self.std) + norm.cdf(s, self.means[1], self.std))
-
-    def __call__(self, scores: np.ndarray) -> np.ndarray:
-        """Weights (B,) in [0, 1] for OCSVM scores (B,)."""
-        s = np.asarray(scores, dtype=np.float64)
-        gap = np.abs(self.cdf(s) - self.cdf(2 * self.x0 - s))
-        w = 1.0 / (1.0 + np.exp(-(10.0 * (1.0 - gap) - 2.0)))
-        if self.kind == "one_sided":
-            w = np.where(s >= self.x0, _W_HI, w)
-        if self.rescale:
-            w = np.clip((w - _W_LO) / (_W_HI - _W_LO), 0.0, 1.0)
-        return w
 
 
 class O3Detector:
@@ -273,9 +263,10 @@ class O3Detector:
 
     def __init__(self, config: O3DetectorConfig) -> None:
         self.config = config
-        self.scorer = GlocalScorer(config.local_weight)
+        self.scorer = GlocalScorer(config.local_weight, config.local_sign)
         self.svm = None
-        self.weight_fn = SoftWeight(config.weight_fn, config.rescale)
+        self.weight_fn = SoftWeight(config.weight_fn, config.rescale, config.postprocess)
+        self._fit_inputs: tuple[list[Tensor], list[Tensor]] | None = None  # what fit saw (checkpoints)
         self._std: tuple[Tensor, Tensor, Tensor] | None = None  # mean, std, min per layer
 
     def contrastive_loss_fn(self, encode: Callable[[Tensor], list[Tensor]],
@@ -314,6 +305,7 @@ class O3Detector:
         """
         from sklearn.svm import OneClassSVM
 
+        self._fit_inputs = ([f.detach().cpu() for f in fit_feats], [f.detach().cpu() for f in held_feats])
         self.scorer.fit(fit_feats)
         raw = self.scorer.score(fit_feats, exclude_self=True)  # (N, L)
         mu, sd = raw.mean(0), raw.std(0).clamp_min(1e-6)
@@ -326,12 +318,22 @@ class O3Detector:
         self.weight_fn.fit(a, b)
         return {"w_fit": float(self.weight_fn(a).mean()), "w_held": float(self.weight_fn(b).mean())}
 
+    def state_dict(self) -> dict[str, list[Tensor]]:
+        """The features :meth:`fit` saw; fitting is deterministic, so they restore the detector."""
+        if self._fit_inputs is None:
+            raise RuntimeError("O3Detector.fit must run before state_dict")
+        return {"fit_feats": self._fit_inputs[0], "held_feats": self._fit_inputs[1]}
+
+    def load_state_dict(self, state: dict[str, list[Tensor]]) -> None:
+        """Refits scorer, OCSVM and soft weight on the saved features (tensors only)."""
+        self.fit(list(state["fit_feats"]), list(state["held_feats"]))
+
     def score(self, feats: list[Tensor]) -> np.ndarray:
-        """OCSVM scores (B,), higher = more like the request's data."""
+        """OCSVM scores (B,) of the standardised layer scores."""
         if self.svm is None:
             raise RuntimeError("O3Detector.fit must run before score")
         return self.svm.score_samples(self._layer_scores(feats))
 
     def weight(self, feats: list[Tensor]) -> Tensor:
-        """Soft weights (B,) in [0, 1]."""
+        """Soft weights (B,) after post-processing (``scienceqa``: in [0, 1.2])."""
         return torch.from_numpy(self.weight_fn(self.score(feats))).float()
