@@ -139,7 +139,8 @@ def _evaluate(model, train: ImageTensorDataset, test: ImageTensorDataset,
 
     The test set and the forgotten training data are each predicted once; every accuracy is a
     mean over a class mask of those predictions. ``base_train`` (N, D) holds the frozen base
-    features of ``train``, on which the forget-quality reference head is retrained.
+    features of ``train``, on which the forget-quality reference head is retrained with the seed
+    the ``retrain`` method uses for the same request (so ``retrain`` is the reference: p = 1).
     """
     forgotten = sorted({c for r in requests[:done] for c in r})
     out = model.predict_full(test.x)
@@ -244,7 +245,7 @@ def run_requests(cfg: UnlearningExperiment, rd: RunDir, *, resume: bool = False,
     def evaluate(done: int) -> None:
         t0 = time.perf_counter()
         state["rows"].append(_evaluate(model, train, test, requests, done, base_train=base_train,
-                                       fit_fn=fit_fn, seed=cfg.run.seed * 1000 + 500 + done, utility=utility))
+                                       fit_fn=fit_fn, seed=cfg.run.seed * 1000 + done, utility=utility))
         state["eval_seconds"].append(time.perf_counter() - t0)
         if cfg.run.checkpoint:
             rd.save_checkpoint(f"after_request{done}.pt", {"model": model.checkpoint_state(), "run_state": state})
