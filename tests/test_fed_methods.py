@@ -164,6 +164,16 @@ def test_a_registered_method_runs_on_both_engines_with_state_and_named_arrays(to
     _same_records(rounds, flower)
 
 
+def test_any_method_resumes_in_process_with_its_client_state(toy, tmp_path):
+    from adaptsim.federated.local_sim import run_inprocess
+
+    full = run_inprocess(toy, tmp_path / "full")
+    assert len(run_inprocess(toy, tmp_path / "cut", stop_after=1)) == 1
+    resumed = run_inprocess(toy, tmp_path / "cut", resume=True)
+    _same_records(full, resumed)                 # rounds_seen = 6 in round 2: states came back
+    assert resumed[-1]["rounds_seen"] == 6
+
+
 @pytest.mark.parametrize("method", ["ffa_lora", "lora", "fednano"])
 def test_flower_adapter_and_inprocess_engine_agree_on_one_round(method, tmp_path, server_identity, monkeypatch):
     """Same client replies -> same aggregated parameters and the same round record, bit for bit."""
