@@ -7,6 +7,10 @@
     adaptsim study STUDY.yaml [--workers N] [--address HOST:PORT|ray://HOST:PORT|auto] [--key=value ...]
     adaptsim report DIR                                    # report.html of a run or study folder
     adaptsim list                                          # strategies, run kinds, scenarios
+    adaptsim export-peft RUN_DIR [--out DIR]               # a federated LoRA run as a PEFT adapter
+
+Commands beyond these four come from the ``adaptsim.commands`` entry-point group (a
+``main(argv) -> exit code`` each), so ``cl`` needs no import of the packages that provide them.
 
 Every user mistake (a bad YAML, an unknown key, a stream that cannot be built, a missing data
 file, a folder that is not a run folder) ends in one ``error:`` line on stderr and exit code 2,
@@ -156,7 +160,22 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list strategies, run kinds and scenarios")
     ls.add_argument("--scenarios", default="scenarios", help="folder of scenario YAMLs (default: scenarios)")
     ls.set_defaults(fn=_cmd_list)
+    for ep in _plugin_commands():
+        c = sub.add_parser(ep.name, help=f"(from {ep.value.split(':')[0]}; --help for its options)", add_help=False)
+        c.set_defaults(fn=_plugin_runner(ep))
     return p
+
+
+def _plugin_commands() -> list:
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group="adaptsim.commands"), key=lambda ep: ep.name)
+
+
+def _plugin_runner(ep):
+    def run(args: argparse.Namespace, rest: list[str]) -> int:
+        return int(ep.load()(rest) or 0)
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

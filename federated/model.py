@@ -10,8 +10,11 @@ Departures / decisions:
 - ``lora_blocks=N`` adapts only the last N blocks; the frozen blocks before them are computed
   once per dataset (:meth:`FedLoRAModel.encode_prefix`) and cached: a CPU speed-up, not in the
   paper (which adapts every layer). ``None`` adapts all blocks.
-- A of block ``i``, slice ``j`` is drawn from seed ``a_seed + 100 * i + j`` (``init_A="kaiming"``,
-  PEFT's default), so every client that got ``a_seed`` holds bit-identical A.
+- LoRA goes in through :func:`~adaptsim.strategies.adapters.inject_lora` on the timm model's
+  ``blocks.{i}.attn.qkv`` (the names a PEFT user sees on the same timm model), with its one
+  seeding rule: the A of layer ``name``, slice ``j`` is drawn from ``(a_seed + crc32(name)) % 2**31
+  + j`` (``init_A="kaiming"``, PEFT's default), so every client that got ``a_seed`` holds
+  bit-identical A. :mod:`adaptsim.federated.peft_export` writes a trained model as a PEFT adapter.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from adaptsim.cl.backbones import Backbone
-from adaptsim.strategies.adapters import LoRALinear
+from adaptsim.strategies.adapters import LoRALinear, inject_lora
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +62,18 @@ class FedLoRAModel(nn.Module):
         if backbone.kind != "timm":
             raise ValueError(f"backbone.name {backbone.name!r}: federated LoRA needs a timm ViT")
         self.backbone = backbone.requires_grad_(False).eval()
-        blocks = backbone.blocks
-        depth = len(blocks)
+        depth = len(backbone.blocks)
         n = depth if lora_blocks is None else min(lora_blocks, depth)
         self.start = depth - n
         self.scaling = float(alpha) / rank
         slices = qkv_slices(tuple(targets), backbone.token_dim)
-        for i in range(self.start, depth):
-            attn = blocks[i].attn
-            attn.qkv = LoRALinear(attn.qkv, rank, alpha, out_slices=slices, seed=a_seed + 100 * i)
-            if freeze_a:
-                for A, _, _ in attn.qkv.pairs():
+        self.targets = tuple(targets)
+        self.qkv_names = [f"blocks.{i}.attn.qkv" for i in range(self.start, depth)]  # in backbone.model
+        layers = inject_lora(backbone.model, self.qkv_names, rank, alpha, out_slices=slices, seed=a_seed)
+        assert len(layers) == n, layers.keys()
+        if freeze_a:
+            for layer in layers.values():
+                for A, _, _ in layer.pairs():
                     A.requires_grad_(False)
         gen = torch.Generator().manual_seed(head_seed)
         self.head = nn.Linear(backbone.embed_dim, n_classes)
