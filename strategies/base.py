@@ -97,6 +97,9 @@ class Strategy(ABC):
     #: True when predictions depend only on the frozen backbone's pooled features; the
     #: evaluator then scores cached features with :meth:`predict_from_features`.
     frozen_features: ClassVar[bool] = False
+    #: What the strategy shares inside federated clients (:mod:`adaptsim.strategies.sharing`):
+    #: a short description such as ``"prototype statistics"``, or ``None`` (not supported).
+    sharing: ClassVar[str | None] = None
 
     def __init__(self, config: Any, backbone: nn.Module, info: StreamInfo, *,
                  device: torch.device | str = "cpu", progress: bool = False, feature_cache: Any = None) -> None:
@@ -195,6 +198,21 @@ class Strategy(ABC):
             return 0
 
         return total + count(self.extra_state())
+
+    # -- federated continual learning (opt-in: set ``sharing``) -------------------------------
+    def shareable_state(self) -> Any:
+        """What this client shares after a round: a :class:`~adaptsim.strategies.sharing.SharedState`."""
+        from adaptsim.strategies.sharing import check_sharing
+
+        check_sharing(self.name)
+        raise NotImplementedError(f"{self.name} declares sharing but does not implement shareable_state")
+
+    def load_shared_state(self, state: Any) -> None:
+        """Takes the server's aggregate :class:`~adaptsim.strategies.sharing.SharedState` back."""
+        from adaptsim.strategies.sharing import check_sharing
+
+        check_sharing(self.name)
+        raise NotImplementedError(f"{self.name} declares sharing but does not implement load_shared_state")
 
     def run_metrics(self) -> dict[str, Any]:
         """Extra numbers for metrics.json (e.g. active ranks, number of adapters)."""

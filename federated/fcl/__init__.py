@@ -1,0 +1,1 @@
+"""Federated continual learning: adaptsim's CL strategies inside federated clients."""
