@@ -79,3 +79,26 @@ def test_a_strategy_without_sharing_is_refused_with_the_list(digits_stream, tiny
 
     with pytest.raises(ValueError, match=r"'joint' does not implement federated sharing.*simplecil"):
         run_fcl(digits_stream, _maker("joint", digits_stream, tiny_backbone), fit=None, num_clients=2)
+
+
+def test_fcl_run_kind_writes_its_run_folder(tmp_path):
+    from adaptsim.cl.cli import main
+
+    rc = main(["run", "scenarios/tiny_digits.yaml", "--kind=fcl", "--fcl.num_clients=3", "--fcl.centralised=true",
+               f"--run.out_dir={tmp_path}", "--run.name=fcl", "--run.plots=false"])
+    if rc != 0:  # a YAML without an fcl section: set it through the overrides above
+        pytest.fail(f"exit {rc}")
+    import json
+
+    m = json.loads((tmp_path / "fcl" / "metrics.json").read_text())
+    assert m["setting"]["num_clients"] == 3 and len(m["R"]) == 3
+    assert m["centralised"]["R"] == m["R"]  # SimpleCIL: federated == centralised
+    assert m["bytes_up"] > 0 and (tmp_path / "fcl" / "fcl_rounds.json").is_file()
+
+
+def test_fcl_run_kind_refuses_a_strategy_without_sharing(tmp_path, capsys):
+    from adaptsim.cl.cli import main
+
+    rc = main(["run", "scenarios/tiny_digits.yaml", "--kind=fcl", "--strategy.name=joint", f"--run.out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "simplecil" in err and not any(tmp_path.iterdir())

@@ -1,0 +1,136 @@
+"""The ``fcl`` run kind: a continual stream run federated (:mod:`adaptsim.federated.fcl.loop`).
+
+Registered through the ``adaptsim.run_kinds`` entry point. A YAML names it with ``kind: fcl``
+and has the continual sections plus ``fcl`` (:class:`~adaptsim.federated.fcl.config.FCLSettings`).
+The run folder holds what a continual run writes (``metrics.json`` with ``R`` and its derived
+metrics, ``accuracy_matrix.csv``, the plots), plus ``fcl_rounds.json`` (clients, partition sizes,
+bytes up and down by kind, per round) and, with ``fcl.centralised``, the centralised reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["register", "run_fcl_kind", "fcl_summary"]
+
+
+def fcl_summary(m: Mapping[str, Any]) -> dict[str, float]:
+    """The continual scalars plus bytes and, with a centralised reference, the gap to it."""
+    from adaptsim.cl.builtin_kinds import continual_summary
+
+    out = continual_summary(m)
+    for k in ("bytes_up", "bytes_down"):
+        if isinstance(m.get(k), (int, float)):
+            out[k] = float(m[k])
+    ref = m.get("centralised") or {}
+    if isinstance(ref.get("A_last"), (int, float)) and "A_last" in out:
+        out["centralised_A_last"] = float(ref["A_last"])
+        out["gap_A_last"] = float(ref["A_last"]) - out["A_last"]
+    return out
+
+
+def _prepare(cfg) -> None:
+    from adaptsim.cl.config import ConfigError
+    from adaptsim.cl.runner import prepare
+    from adaptsim.strategies.sharing import check_sharing
+
+    try:
+        check_sharing(cfg.strategy.name)
+    except ValueError as e:
+        raise ConfigError(f"strategy.name: {e}") from None
+    prepare(cfg)
+
+
+def _make_strategy_factory(cfg, stream, device):
+    from adaptsim.cl.backbones import create_backbone
+    from adaptsim.cl.features import FeatureCache
+    from adaptsim.cl.train import seed_everything
+    from adaptsim.strategies import StreamInfo, get_strategy
+
+    seed_everything(cfg.run.seed)
+    backbone = create_backbone(cfg.backbone).to(device).eval()
+    info = StreamInfo(stream.kind, stream.n_classes, stream.class_names, len(stream))
+    _, cls = get_strategy(cfg.strategy.name)
+    cache = FeatureCache(batch_size=cfg.train.eval_batch_size, progress=False)
+
+    def make():
+        seed_everything(cfg.run.seed)  # every client starts from the same initial state
+        bb = backbone if cls.frozen_features else copy.deepcopy(backbone)  # adapters go into the backbone
+        return cls(cfg.strategy.config, bb, info, device=device, progress=False, feature_cache=cache)
+
+    return make
+
+
+def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None, prepared: Any = None):
+    """Runs ``cfg`` into the run folder ``rd`` and writes its outputs (not resumable yet)."""
+    import torch
+
+    from adaptsim.cl.evaluate import evaluate_stream
+    from adaptsim.cl.metrics import summarize
+    from adaptsim.cl.runner import prepare
+    from adaptsim.cl.train import fit, seed_everything
+    from adaptsim.federated.fcl.loop import run_fcl
+
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = cfg.train.resolved_device()
+    stream = prepared if prepared is not None else prepare(cfg)
+    make = _make_strategy_factory(cfg, stream, device)
+    f = cfg.fcl
+    t0 = time.perf_counter()
+    out = run_fcl(stream, make, lambda phase: fit(phase, device=device), num_clients=f.num_clients,
+                  rounds=f.rounds, partition=f.partition, alpha=f.dirichlet_alpha, seed=f.partition_seed,
+                  eval_batch_size=cfg.train.eval_batch_size)
+    wall = time.perf_counter() - t0
+    R = np.array(out["R"], dtype=float)
+    n = stream.test_sizes()
+    multi = stream.kind != "class_incremental"
+    metrics: dict[str, Any] = {
+        "config_hash": cfg.config_hash(), "scenario": stream.kind, "strategy": cfg.strategy.name,
+        "setting": {"num_clients": f.num_clients, "rounds": f.rounds, "partition": f.partition,
+                    "dirichlet_alpha": f.dirichlet_alpha},
+        "experiences": [e.name for e in stream], "R": R.tolist(), "test_sizes": n,
+        **summarize(np.nan_to_num(R), n, None, multi_domain=multi),
+        "bytes_up": int(sum(sum(r["bytes_up"].values()) for r in out["rounds"])),
+        "bytes_down": int(sum(sum(r["bytes_down"].values()) for r in out["rounds"])),
+        "wall_seconds_this_process": wall,
+    }
+    if f.centralised:
+        central = make()
+        Rc = []
+        evals = [e.eval_view() for e in stream.experiences]
+        for t, exp in enumerate(stream.experiences):
+            seed_everything(cfg.run.seed * 1000 + t)
+            central.train_experience(exp, lambda phase: fit(phase, device=device))
+            row = evaluate_stream(central, evals[: t + 1], cfg.train.eval_batch_size)
+            Rc.append(row + [float("nan")] * (len(stream) - len(row)))
+        Rc = np.array(Rc, dtype=float)
+        metrics["centralised"] = {"R": Rc.tolist(), **summarize(np.nan_to_num(Rc), n, None, multi_domain=multi)}
+    rd.write_json("fcl_rounds.json", out["rounds"])
+    rd.write_metrics(metrics)
+    rd.write_csv("accuracy_matrix.csv", R.tolist(), [f"exp{k}" for k in range(R.shape[1])])
+    if cfg.run.plots:
+        from adaptsim.cl.plots import plot_accuracy_matrix, plot_curve
+
+        name = f"{cfg.strategy.name} federated ({f.num_clients} clients)"
+        plot_accuracy_matrix(R, rd.file("accuracy_matrix.png"), f"{name}: R[t, k] (%)")
+        plot_curve(metrics["A_t"], rd.file("accuracy_curve.png"), title=name)
+    return metrics
+
+
+def register() -> None:
+    """Entry point of group ``adaptsim.run_kinds``."""
+    from adaptsim.cl.runkinds import RunKind, register_run_kind
+    from adaptsim.federated.fcl.config import FCLExperimentConfig
+
+    register_run_kind(RunKind(
+        name="fcl", description="federated continual learning: a CL strategy inside federated clients",
+        config_from_raw=FCLExperimentConfig.from_raw, run=run_fcl_kind, prepare=_prepare,
+        matches=lambda raw: "fcl" in raw and "strategy" in raw,  # continual matches too: YAMLs say kind: fcl
+        label=lambda cfg: f"fcl-{cfg.strategy.name}",
+        summary=fcl_summary, threads_key="train.num_threads", seed_keys=("fcl.partition_seed",),
+        resumable=False))
