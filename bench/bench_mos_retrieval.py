@@ -46,7 +46,7 @@ def build_state(args: argparse.Namespace, n_tasks: int, head: str) -> tuple[MOS,
     bb = create_backbone(BackboneConfig(name=args.backbone, img_size=args.img_size)).eval()
     n_cls = 2 * n_tasks
     info = StreamInfo("class_incremental", n_cls, tuple(map(str, range(n_cls))), n_tasks)
-    s = MOS(MOSConfig(retrieval="batched"), bb, info)
+    s = MOS(MOSConfig(retrieval="batched", merge_mode="paper"), bb, info)  # lazy retrieval needs paper mode
     for t in range(n_tasks):
         for layer in s.layers:
             layer.add(f"t{t}", trainable=False)
