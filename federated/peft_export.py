@@ -108,14 +108,16 @@ def export_peft(run_dir: str | Path, out_dir: str | Path | None = None, *, round
     """
     from adaptsim.cl.rundir import RunDir
     from adaptsim.federated.config import load_fed_experiment
+    from adaptsim.federated.methods import fed_method_class, list_fed_methods
     from adaptsim.federated.task import build_model
 
     rd = RunDir.open(run_dir)
     raw = {k: v for k, v in rd.config().items() if k != "kind"}
     cfg = load_fed_experiment(raw, str(rd.path / "config.yaml"))
-    if cfg.federated.method not in ("lora", "ffa_lora"):
+    if not fed_method_class(cfg.federated.method).exports_peft:
+        ok = [m for m in list_fed_methods() if fed_method_class(m).exports_peft]
         raise ValueError(f"export-peft writes LoRA adapters; run {rd.path} used federated.method="
-                         f"{cfg.federated.method!r} (lora or ffa_lora)")
+                         f"{cfg.federated.method!r} ({' or '.join(ok)})")
     rnd = _last_round(rd.path) if round_no is None else round_no
     ck = rd.path / "checkpoints" / f"round_{rnd:03d}.npz"
     if not ck.is_file():

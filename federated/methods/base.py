@@ -112,6 +112,8 @@ class FedMethod(ABC):
     config_cls: ClassVar[type] = object
     run_kind: ClassVar[str] = "federated"
     run_kind_description: ClassVar[str] = ""
+    #: whether ``adaptsim export-peft`` can write this method's global model as a PEFT LoRA adapter
+    exports_peft: ClassVar[bool] = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

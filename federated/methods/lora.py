@@ -24,6 +24,7 @@ class LoRAMethod(FedMethod):
     """Shared pieces of ``lora`` and ``ffa_lora``; ``sends_a`` is the only difference."""
 
     sends_a: ClassVar[bool] = True
+    exports_peft: ClassVar[bool] = True
     run_kind = "federated"
     run_kind_description = ("federated LoRA / FFA-LoRA on Flower (in-process, simulation engine, SuperLink), "
                             "Opacus DP")
