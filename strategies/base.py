@@ -214,6 +214,18 @@ class Strategy(ABC):
         check_sharing(self.name)
         raise NotImplementedError(f"{self.name} declares sharing but does not implement load_shared_state")
 
+    def aggregate_shared(self, states: list[Any]) -> Any:
+        """Server side: combines the clients' :class:`~adaptsim.strategies.sharing.SharedState` s.
+
+        Called on the server's own copy of the strategy. Default: the exact aggregation of
+        :func:`~adaptsim.strategies.sharing.aggregate_shared` (arrays weighted by examples,
+        statistics added up). Override to add a server-side step (e.g. PILoRA's prototype
+        re-weighting) on top of it.
+        """
+        from adaptsim.strategies.sharing import aggregate_shared
+
+        return aggregate_shared(states)
+
     def run_metrics(self) -> dict[str, Any]:
         """Extra numbers for metrics.json (e.g. active ranks, number of adapters)."""
         return {}

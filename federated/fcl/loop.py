@@ -3,8 +3,8 @@
 Setting (issue "Federated continual learning"): N clients; each experience of the global stream
 is split across the clients (Dirichlet label skew within the experience, or IID); the experience
 runs ``rounds`` federated rounds before the next one arrives. In a round every client runs its
-strategy's ``train_experience`` on its share, returns ``shareable_state()``; the server
-aggregates (:func:`~adaptsim.strategies.sharing.aggregate_shared`: parameters weighted by
+strategy's ``train_experience`` on its share, returns ``shareable_state()``; the server's copy
+of the strategy aggregates (``Strategy.aggregate_shared``; by default parameters weighted by
 examples, statistics added up exactly) and every client, and the server's own copy of the
 strategy, loads the aggregate. After each experience the server's strategy is evaluated on the
 test sets of the experiences so far: the accuracy matrix ``R[t, k]`` of the centralised runs.
@@ -27,7 +27,7 @@ import numpy as np
 from adaptsim.cl.evaluate import evaluate_stream
 from adaptsim.cl.scenarios import Experience, Stream
 from adaptsim.federated.partition import partition_indices
-from adaptsim.strategies.sharing import aggregate_shared, check_sharing
+from adaptsim.strategies.sharing import check_sharing
 
 __all__ = ["split_experience", "run_fcl"]
 
@@ -78,7 +78,7 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
                     continue
                 c.train_experience(share, fit)
                 states.append(c.shareable_state())
-            agg = aggregate_shared(states)
+            agg = server.aggregate_shared(states)
             for c in [*clients, server]:
                 c.load_shared_state(agg)
             up = [s.nbytes() for s in states]
