@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from adaptsim.cl.backbones import BackboneConfig, create_backbone
+from adaptsim.cl.backbones import BackboneConfig
 from adaptsim.cl.clip import create_clip
 from adaptsim.cl.data import DatasetConfig
 from adaptsim.cl.scenarios import ClassIncrementalArgs, build_stream
@@ -23,21 +23,14 @@ from adaptsim.strategies.mora_gate import (
     replace_clip_attention,
 )
 
+from _mora_common import synthetic_stream, tiny_vit
+
 FAST = {"epochs": 1, "batch_size": 16, "lr": 0.01, "experts_per_task": 4, "top_k": 4, "seed": 0}
 
 
 @pytest.fixture(scope="module")
 def stream():
-    """synthetic 8x8 data, 3 class-incremental experiences of 2 classes, 15 train images/class."""
-    return build_stream("class_incremental", ClassIncrementalArgs(
-        dataset=DatasetConfig(name="synthetic", train_per_class=15, test_per_class=8),
-        initial_increment=2, increment=2))
-
-
-def tiny_vit():
-    torch.manual_seed(0)
-    return create_backbone(BackboneConfig(name="tiny_vit", img_size=16, tiny_patch=4, tiny_dim=32,
-                                          tiny_depth=2, tiny_heads=2)).eval()
+    return synthetic_stream()
 
 
 def make(stream, backbone, **kw) -> MoRA:

@@ -12,9 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptsim.cl import engine
-from adaptsim.cl.backbones import BackboneConfig, create_backbone
-from adaptsim.cl.data import DatasetConfig
-from adaptsim.cl.scenarios import ClassIncrementalArgs, build_stream
 from adaptsim.cl.train import fit, seed_everything
 from adaptsim.strategies import Finetune, FinetuneConfig, MoRA, MoRAConfig, StreamInfo, get_strategy
 from adaptsim.strategies.components.proto_head import FrozenPrototypeHead, adapters_off
@@ -22,21 +19,14 @@ from adaptsim.strategies.mora_gate import MoRALinear, Route, SelfActivationGate
 from adaptsim.strategies.mora_lora import MoRALoRA, lora_baseline_config
 from adaptsim.strategies.mora_stats import GateStats, gate_table
 
+from _mora_common import synthetic_stream, tiny_vit
+
 FAST = {"epochs": 1, "batch_size": 16, "experts_per_task": 4, "top_k": 4, "seed": 0, "expert_lr": 0.05}
 
 
 @pytest.fixture(scope="module")
 def stream():
-    """synthetic 8x8 data, 3 class-incremental experiences of 2 classes, 15 train images/class."""
-    return build_stream("class_incremental", ClassIncrementalArgs(
-        dataset=DatasetConfig(name="synthetic", train_per_class=15, test_per_class=8),
-        initial_increment=2, increment=2))
-
-
-def tiny_vit():
-    torch.manual_seed(0)
-    return create_backbone(BackboneConfig(name="tiny_vit", img_size=16, tiny_patch=4, tiny_dim=32,
-                                          tiny_depth=2, tiny_heads=2)).eval()
+    return synthetic_stream()
 
 
 def info_of(stream) -> StreamInfo:
