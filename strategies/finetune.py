@@ -12,12 +12,19 @@ Two modes (``mode``):
 prototypes of the frozen pretrained features (:mod:`adaptsim.strategies.components.proto_head`),
 the head MoRA uses by default; ``head_lr`` gives the linear head its own learning rate. Both
 exist so that MoRA's LoRA baseline can get MoRA's head treatment (``mora_lora``).
+
+Federated (``kind: fcl``, :mod:`adaptsim.strategies.sharing`): a client shares the linear head
+and, in ``lora`` mode, every LoRA parameter (``lora_*``), weighted by its number of examples
+(FedAvg per round), plus the seen classes; every round continues from the averaged parameters
+(the class mask and loss are the centralised ones). ``head="prototype"`` is refused federated:
+its rows are local class means, which an example-weighted average would not pool exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +34,7 @@ from adaptsim.cl.train import FitFn, Phase
 from adaptsim.strategies.base import BaseStrategyConfig, Strategy, register_strategy
 from adaptsim.strategies.components.heads import feature_dataset
 from adaptsim.strategies.components.proto_head import FrozenPrototypeHead, add_frozen_prototypes
+from adaptsim.strategies.sharing import SharedState
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,8 @@ class FinetuneConfig(BaseStrategyConfig):
 class Finetune(Strategy):
     """Sequential training with no protection against forgetting."""
 
+    sharing = "LoRA adapter and head parameters (FedAvg per round)"
+
     def __init__(self, config: FinetuneConfig, backbone, info, **kw) -> None:
         super().__init__(config, backbone, info, **kw)
         if config.head == "prototype":
@@ -126,8 +136,38 @@ class Finetune(Strategy):
             loss_fn = lambda x, y: ce(self.head(self.backbone(x)), y)
         stats = fit(Phase("finetune", params, loss_fn, data, cfg.epochs, cfg.lr, cfg.batch_size,
                           optimizer=cfg.optimizer, weight_decay=cfg.weight_decay))
+        self._examples = len(exp.train)
         self.end_experience()
         return stats
+
+    # -- federated -----------------------------------------------------------------------------
+    @classmethod
+    def federated_config_error(cls, config: FinetuneConfig) -> str | None:
+        if config.head == "prototype":
+            return "head='prototype' holds local class means (use head='linear', or simplecil)"
+        return None
+
+    def _shared_params(self) -> dict[str, nn.Parameter]:
+        """The parameters a client shares: the head's and every ``lora_*`` of the LoRA layers."""
+        out = {f"head.{k}": p for k, p in self.head.named_parameters()}
+        out.update({f"lora.{k}": p for k, p in self.lora.named_parameters()
+                    if k.rpartition(".")[2].startswith("lora_")})
+        return out
+
+    def shareable_state(self) -> SharedState:
+        arrays = {k: p.detach().cpu().numpy().copy() for k, p in self._shared_params().items()}
+        return SharedState(arrays, getattr(self, "_examples", 0), meta={"seen_classes": list(self.seen_classes)})
+
+    @torch.no_grad()
+    def load_shared_state(self, state: SharedState) -> None:
+        params = self._shared_params()
+        if set(state.arrays) != set(params):
+            raise ValueError(f"finetune: shared arrays {sorted(state.arrays)} != {sorted(params)}")
+        for k, p in params.items():
+            p.copy_(torch.from_numpy(np.asarray(state.arrays[k])).to(p.device, p.dtype))
+        for c in state.meta.get("seen_classes", []):
+            if c not in self.seen_classes:
+                self.seen_classes.append(int(c))
 
     @property
     def frozen_features(self) -> bool:  # type: ignore[override]

@@ -40,6 +40,13 @@ Departures (each also stated where it happens):
 * Gaussian sampling uses a float64 Cholesky factor (official: float32 ``MultivariateNormal``),
   which avoids failures when a class has fewer samples than feature dimensions.
 * The ``multi-centroid`` statistics option of the official code is not implemented.
+
+Federated (``kind: fcl``, contract in :mod:`adaptsim.strategies.sharing`; docs/methods/mos.md):
+the current experience's adapter set and the head are trained federated (FedAvg per round); a
+statistics round then sums the clients' per-class feature sums and outer products under the
+final global adapters (and under set 0 for the prototypes), so the class means and covariances
+are the pooled ones; the server stores the set, sets them and runs the classifier alignment,
+and its aggregate carries the whole model. Needs ``merge_mode="paper"``.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,7 +67,9 @@ from adaptsim.strategies.components.heads import CosinePrototypeClassifier
 from adaptsim.strategies.components.parallel_adapter import wrap_blocks_with_parallel_adapter
 from adaptsim.strategies.mos_adapters import MOSAdapterLayer, ema_merge_
 from adaptsim.strategies.mos_retrieval import RETRIEVAL_MODES
-from adaptsim.strategies.mos_stats import MOSStatsMixin
+from adaptsim.strategies.mos_stats import _COV_EPS, MOSStatsMixin
+from adaptsim.strategies.sharing import (ClassStats, SharedState, aggregate_shared, class_stats, flatten_state,
+                                         unflatten_state)
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +186,8 @@ class MOS(MOSStatsMixin, Strategy):
     """MOS on a frozen timm ViT: adapter sets per task, EMA merge, retrieval at inference."""
 
     SUPPORTED_SCENARIOS = frozenset({"class_incremental", "multi_domain"})
+    sharing = "current adapter set and head (FedAvg per round); exact class statistics (statistics round)"
+    statistics_round = True
 
     def __init__(self, config: MOSConfig, backbone, info, **kw) -> None:
         super().__init__(config, backbone, info, **kw)
@@ -200,6 +212,15 @@ class MOS(MOSStatsMixin, Strategy):
         self.class_means: dict[int, torch.Tensor] = {}
         self.class_covs: dict[int, torch.Tensor] = {}
         self._merge_now: list[str] = []  # official mode: sets merged before every block
+        # federated (see the module docstring): set once a shared state was made or loaded
+        self._federated = False
+        self._open: str | None = None  # the set trained federated, not finished yet
+        self._trained: str | None = None  # the set the last train_experience trained
+        self._examples = 0
+        self._pending: tuple[dict[str, ClassStats], int, str] | None = None  # statistics to share
+        self._fit: FitFn | None = None
+        #: server copy: the aggregated float64 statistics of the last finished experience
+        self.federated_stats: ClassStats | None = None
         if config.merge_mode == "official":
             for w in wrappers:
                 w.register_forward_pre_hook(lambda mod, args: self._official_block_merge())
@@ -247,20 +268,27 @@ class MOS(MOSStatsMixin, Strategy):
         sim = feats @ feats.T / self.config.orth_temperature  # (K+B, K+B)
         return F.cross_entropy(sim, torch.arange(sim.shape[0], device=sim.device))
 
-    def train_experience(self, exp: Experience, fit: FitFn) -> dict[str, float]:
-        self.begin_experience(exp)
-        cfg = self.config
+    def _start_set(self, exp: Experience) -> str:
+        """Adds the set of a new task, carried over from the previous one (not re-initialised)."""
         t = len(self.stored)
         name = f"t{t}"
         prev = "carry" if "carry" in self.layers[0].names else (self.stored[-1] if t else None)
         for layer in self.layers:
-            layer.add(name, copy_from=prev)  # carried over from the previous task, not re-initialised
+            layer.add(name, copy_from=prev)
             if prev == "carry":
                 layer.remove("carry")
-        classes = torch.tensor(sorted(exp.classes), device=self.device)
-        self.cls2task[classes] = t
+        self.cls2task[torch.tensor(sorted(exp.classes), device=self.device)] = t
+        return name
+
+    def _train_set(self, exp: Experience, fit: FitFn, name: str) -> dict[str, float]:
+        """Trains set ``name`` and the head on ``exp`` (CE over its classes + orthogonality loss)."""
+        cfg = self.config
+        t = self.layers[0].names.index(name)
+        for layer in self.layers:  # trainable (a federated round re-opens the set it continues)
+            for p in layer.params(name):
+                p.requires_grad_(True)
         cur = torch.zeros(self.info.n_classes, dtype=torch.bool, device=self.device)
-        cur[classes] = True
+        cur[torch.tensor(sorted(exp.classes), device=self.device)] = True
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             feats = self.features_under(x, name)  # (B, D)
@@ -279,8 +307,24 @@ class MOS(MOSStatsMixin, Strategy):
         finally:
             self.layers.eval()
         for layer in self.layers:
-            layer.freeze(name)  # stored as adapter set t
-            if cfg.merge_mode == "official":
+            layer.freeze(name)
+        self._trained, self._examples, self._fit = name, len(exp.train), fit
+        return stats
+
+    def train_experience(self, exp: Experience, fit: FitFn) -> dict[str, float]:
+        self.begin_experience(exp)
+        if self._federated:  # a federated round: train (or continue) the open set, no finishing
+            if self._open is None:
+                self._open = self._start_set(exp)
+            elif sorted(exp.classes) != self._set_classes(self._open):
+                raise RuntimeError(f"mos: set {self._open} is still open (its statistics round is missing)")
+            return self._train_set(exp, fit, self._open)
+        cfg = self.config
+        name = self._start_set(exp)
+        t = len(self.stored) - 1
+        stats = self._train_set(exp, fit, name)  # stored (frozen) as adapter set t
+        if cfg.merge_mode == "official":
+            for layer in self.layers:
                 layer.snapshot(name)
                 layer.add("carry", copy_from=name, trainable=False)
         self._update_statistics(exp, name)
@@ -288,6 +332,106 @@ class MOS(MOSStatsMixin, Strategy):
             stats.update({f"ca_{k}": v for k, v in self._align_classifier(fit).items()})
         self.end_experience()
         return stats
+
+    # -- federated -----------------------------------------------------------------------------
+    @classmethod
+    def federated_config_error(cls, config: MOSConfig) -> str | None:
+        if config.merge_mode != "paper":
+            return ("needs strategy.merge_mode='paper': the official mode's in-forward merges drift the "
+                    "statistics set by each client's number of forward passes, so no statistics are pooled")
+        return None
+
+    def _set_classes(self, name: str) -> list[int]:
+        return [int(c) for c in (self.cls2task == self.layers[0].names.index(name)).nonzero().flatten()]
+
+    @torch.no_grad()
+    def collect_statistics(self, exp: Experience) -> None:
+        """Statistics round: class sums/outer products of ``exp`` under the open set, sums under set 0."""
+        self._federated = True
+        if self._open is None:
+            raise RuntimeError("mos: collect_statistics needs a set trained federated (train rounds first)")
+        t = self.layers[0].names.index(self._open)
+        both = self._batches(exp.train.x, [0, t] if t else [0])  # (1 or 2, N, D)
+        y, n = exp.train.y, self.info.n_classes
+        stats = {"class": class_stats(both[-1], y, n, outer=True), "proto": class_stats(both[0], y, n)}
+        self._pending = (stats, len(exp.train), self._open)
+
+    def shareable_state(self) -> SharedState:
+        """Training round: the trained set and the head; statistics round: the class statistics."""
+        self._federated = True
+        if self._pending is not None:
+            stats, n, name = self._pending
+            self._pending = None
+            return SharedState(weight=n, stats=stats, meta={"phase": "statistics", "set": name})
+        name = self._trained
+        if name is None:
+            raise RuntimeError("mos shares after train_experience")
+        arrays = {f"set/{i}/{part}": p.detach().cpu().numpy().copy()
+                  for i, layer in enumerate(self.layers) for part, p in zip("ABb", layer.params(name))}
+        arrays.update({f"head/{k}": p.detach().cpu().numpy().copy() for k, p in self.head.named_parameters()})
+        return SharedState(arrays, self._examples,
+                           meta={"phase": "train", "set": name, "classes": self._set_classes(name)})
+
+    def aggregate_shared(self, states: list[SharedState]) -> SharedState:
+        """Server: FedAvg of the set and head, or (statistics round) the experience finished from
+        the summed statistics; returns the whole model (what a rebuilt client loads)."""
+        agg = aggregate_shared(states)
+        name = agg.meta["set"]
+        with torch.random.fork_rng(devices=[]):  # the server's bookkeeping draws no client randomness
+            if agg.meta["phase"] == "train":
+                self._load_set_and_head(name, agg)
+            else:  # alignment trains: outside no_grad
+                self._finish_federated(name, agg.stats["class"], agg.stats["proto"])
+        arrays, skeleton = flatten_state(self.state_dict())
+        return SharedState(arrays, agg.weight, meta={"mos_state": skeleton, "open": self._open})
+
+    @torch.no_grad()
+    def _load_set_and_head(self, name: str, agg: SharedState) -> None:
+        """Server: the averaged set ``name`` and head of a training round (the set added if new)."""
+        if name not in self.layers[0].names:
+            for layer in self.layers:
+                layer.add(name, trainable=False)
+        for i, layer in enumerate(self.layers):
+            for part, p in zip("ABb", layer.params(name)):
+                p.copy_(torch.from_numpy(agg.arrays[f"set/{i}/{part}"]).to(p.device, p.dtype))
+        for k, p in self.head.named_parameters():
+            p.copy_(torch.from_numpy(agg.arrays[f"head/{k}"]).to(p.device, p.dtype))
+        self.cls2task[torch.tensor(agg.meta["classes"], device=self.device)] = self.layers[0].names.index(name)
+        self._open = name
+
+    def _finish_federated(self, name: str, cs: ClassStats, cp: ClassStats) -> None:
+        """Server: stores set ``name``; pooled class means/covariances (float64 sums, + eps I),
+        prototypes under set 0; classifier alignment (seeded by the task, so reproducible)."""
+        cfg = self.config
+        for layer in self.layers:
+            layer.freeze(name)
+        self.federated_stats = cs
+        means, covs = cs.means(), cs.covariances()
+        eye = np.eye(means.shape[1])
+        for c in cs.classes():
+            self.class_means[c] = torch.from_numpy(means[c]).to(self.device, torch.float32)
+            cov = torch.from_numpy(covs[c] + _COV_EPS * eye).to(self.device, torch.float32)
+            self.class_covs[c] = cov.diagonal().clone() if cfg.ca_stats == "variance" else cov
+        pm = torch.from_numpy(cp.means())
+        for c in cp.classes():
+            self.prototypes.prototypes[c] = pm[c].to(self.prototypes.prototypes.dtype)
+            self.prototypes.has_proto[c] = True
+        self._open = None
+        t = self.layers[0].names.index(name)
+        if t > 0 and cfg.crct_epochs > 0:
+            from adaptsim.cl.train import fit as default_fit
+
+            fit = self._fit or (lambda phase: default_fit(phase, device=self.device))
+            self._align_classifier(fit, seed=t)
+
+    def load_shared_state(self, state: SharedState) -> None:
+        """Loads the server's aggregate: the whole model (a freshly built MOS reaches the server's)."""
+        if "mos_state" not in state.meta:
+            raise ValueError("mos loads the server's aggregate (MOS.aggregate_shared), not a client state")
+        with torch.random.fork_rng(devices=[]):
+            self.load_state_dict(unflatten_state(state.arrays, state.meta["mos_state"]))
+        self._open = state.meta["open"]
+        self._federated = True
 
     # -- state ---------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:

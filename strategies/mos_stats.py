@@ -79,7 +79,7 @@ class MOSStatsMixin(MOSRetrievalMixin):
             cov = cov + _COV_EPS * torch.eye(f.shape[1], device=f.device)
             self.class_covs[c] = cov.diagonal().clone() if self.config.ca_stats == "variance" else cov
 
-    def _align_classifier(self, fit: FitFn) -> dict[str, float]:
+    def _align_classifier(self, fit: FitFn, seed: int | None = None) -> dict[str, float]:
         """Re-trains the head on Gaussian samples of every seen class (official classifier alignment).
 
         ``crct_epochs`` epochs of ``ca_samples_per_class`` samples per class are drawn up front,
@@ -87,11 +87,14 @@ class MOSStatsMixin(MOSRetrievalMixin):
         steps (``crct_epochs * n_seen_classes``); CE over seen classes. With
         ``schedule_unit="epoch"`` (official) the phase runs ``crct_epochs`` epochs, each over its
         own fresh samples (:class:`EpochSamples`), and the cosine steps per epoch; with ``step``
-        it is one epoch over all samples with the cosine decaying every step.
+        it is one epoch over all samples with the cosine decaying every step. The samples' generator
+        is seeded from the global RNG, or from ``seed`` when given (the federated server's).
         """
         cfg = self.config
         n = cfg.ca_samples_per_class or 5 * cfg.batch_size
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        gen = torch.Generator().manual_seed(seed)
         classes = sorted(self.class_means)
         with torch.no_grad():
             xs = torch.cat([gaussian_samples(self.class_means[c], self.class_covs[c], n * cfg.crct_epochs, gen)

@@ -7,7 +7,9 @@ A client's strategy returns a :class:`SharedState` from ``Strategy.shareable_sta
 * ``stats``: :class:`ClassStats`, sufficient statistics of features per class (counts, sums and,
   where a strategy needs covariances, sums of outer products), which the server *adds up*. Means
   and covariances computed from the sums equal those of the pooled data: the aggregation is
-  exact, not an average of client means.
+  exact, not an average of client means;
+* ``meta``: small JSON-able structure (adapter names, seen classes, the round's phase), which
+  clients must agree on; the default aggregation passes it through and refuses disagreement.
 
 ``Strategy.load_shared_state(state)`` takes the aggregate back. Statistics are kept in float64;
 float32 features summed in float64 are exact unless their exponents span more than about
@@ -15,17 +17,45 @@ float32 features summed in float64 are exact unless their exponents span more th
 ordinary features (a test checks it on real features).
 
 Which strategies share what is declared by the class attribute ``Strategy.sharing``
-(``None``: no federated support); :func:`check_sharing` refuses the others with the list.
+(``None``: no federated support); :func:`check_sharing` refuses the others with the list, and
+the settings a sharing strategy cannot run federated with (its optional classmethod
+``federated_config_error(config) -> str | None``).
+
+Contract (the in-process loop :func:`adaptsim.federated.fcl.loop.run_fcl` and the Flower path
+both follow it):
+
+* **A client round** is ``load_shared_state(global)`` (skipped on the very first round of the
+  run) -> ``train_experience(share, fit)`` -> ``shareable_state()``. The rounds of one
+  experience call ``train_experience`` on the same experience again: the strategy *continues*
+  training the parameters it got from ``global`` (it does not re-initialise them).
+* **Randomness.** Every client call starts from the torch RNG state of a freshly built strategy
+  (the in-process loop restores it; a rebuilt Flower client has it), so parameters a strategy
+  builds lazily (MOS's first adapter set) start equal on all clients.
+* **The server** (its own copy of the strategy) computes ``agg = aggregate_shared(states)``,
+  then ``load_shared_state(agg)``; ``agg`` is the ``global`` of the next round.
+* **Rebuilt clients.** A *freshly built* strategy that calls ``load_shared_state(agg)`` reaches
+  the server copy's state (same predictions): Flower clients are rebuilt every round from the
+  global state, so ``agg`` must carry everything a client needs (MOS's aggregate holds the full
+  model: stored adapter sets, class statistics, head, prototypes).
+* **Statistics round** (strategies with class attribute ``statistics_round = True``, i.e.
+  ``mos``): after the training rounds of an experience, one more round with no training:
+  ``load_shared_state(global)`` -> ``collect_statistics(share)`` -> ``shareable_state()``,
+  aggregated and loaded as above. It gives the class statistics under the *final* global
+  adapters; the server's ``aggregate_shared`` finishes the experience from them (MOS: class
+  means/covariances, prototypes, classifier alignment) and ships the result in ``agg``.
+* Then the server's ``end_experience()`` is called and the server copy is evaluated.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["ClassStats", "SharedState", "aggregate_shared", "check_sharing", "class_stats", "sharing_strategies"]
+__all__ = ["ClassStats", "SharedState", "aggregate_shared", "check_sharing", "class_stats", "sharing_strategies",
+           "flatten_state", "unflatten_state"]
 
 
 @dataclass
@@ -92,6 +122,7 @@ class SharedState:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     weight: int = 0
     stats: dict[str, ClassStats] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes by kind: ``arrays`` and ``stats``."""
@@ -111,6 +142,8 @@ def aggregate_shared(states: list[SharedState]) -> SharedState:
     for s in states[1:]:
         if set(s.arrays) != names or set(s.stats) != kinds:
             raise ValueError("clients shared different arrays or statistics")
+        if s.meta != states[0].meta:
+            raise ValueError(f"clients shared different meta: {states[0].meta} != {s.meta}")
     total = sum(s.weight for s in states)
     arrays = {}
     for k in sorted(names):
@@ -124,7 +157,40 @@ def aggregate_shared(states: list[SharedState]) -> SharedState:
         for s in states[1:]:
             acc = acc + s.stats[k]
         stats[k] = acc
-    return SharedState(arrays, total, stats)
+    return SharedState(arrays, total, stats, dict(states[0].meta))
+
+
+def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, np.ndarray], Any]:
+    """Splits a nested state (dicts, lists, tensors, plain values) into arrays and structure.
+
+    Returns ``(arrays, skeleton)``: every tensor becomes ``arrays[path]`` (numpy, its dtype kept;
+    ``path`` joins the dict keys with ``/``) and is replaced in the JSON-able skeleton by
+    ``{"__array__": path}``. :func:`unflatten_state` inverts it.
+    """
+    arrays: dict[str, np.ndarray] = {}
+
+    def walk(obj: Any, path: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            arrays[path] = obj.detach().cpu().numpy().copy()
+            return {"__array__": path}
+        if isinstance(obj, dict):
+            return {str(k): walk(v, f"{path}/{k}" if path else str(k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
+        return obj
+
+    return arrays, walk(state, prefix)
+
+
+def unflatten_state(arrays: dict[str, np.ndarray], skeleton: Any) -> Any:
+    """The nested state of :func:`flatten_state` (arrays back as torch tensors)."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"__array__"}:
+            return torch.from_numpy(np.array(arrays[skeleton["__array__"]]))
+        return {k: unflatten_state(arrays, v) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [unflatten_state(arrays, v) for v in skeleton]
+    return skeleton
 
 
 def sharing_strategies() -> list[str]:
@@ -134,11 +200,16 @@ def sharing_strategies() -> list[str]:
     return [n for n in list_strategies() if getattr(get_strategy(n)[1], "sharing", None)]
 
 
-def check_sharing(name: str) -> None:
-    """Raises ValueError when strategy ``name`` cannot run inside federated clients."""
+def check_sharing(name: str, config: Any = None) -> None:
+    """Raises ValueError when strategy ``name`` (with ``config``, when given) cannot run inside
+    federated clients: it does not share, or its ``federated_config_error(config)`` objects."""
     from adaptsim.strategies.base import get_strategy
 
     cls = get_strategy(name)[1]
     if not getattr(cls, "sharing", None):
         raise ValueError(f"strategy {name!r} does not implement federated sharing "
                          f"(shareable_state/load_shared_state); those that do: {', '.join(sharing_strategies())}")
+    check = getattr(cls, "federated_config_error", None)
+    err = check(config) if check is not None and config is not None else None
+    if err:
+        raise ValueError(f"strategy {name!r} cannot run federated: {err}")

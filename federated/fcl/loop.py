@@ -6,8 +6,11 @@ runs ``rounds`` federated rounds before the next one arrives. In a round every c
 strategy's ``train_experience`` on its share, returns ``shareable_state()``; the server's copy
 of the strategy aggregates (``Strategy.aggregate_shared``; by default parameters weighted by
 examples, statistics added up exactly) and every client, and the server's own copy of the
-strategy, loads the aggregate. After each experience the server's strategy is evaluated on the
-test sets of the experiences so far: the accuracy matrix ``R[t, k]`` of the centralised runs.
+strategy, loads the aggregate. Strategies with ``statistics_round`` (MOS) get one more round per
+experience without training (``collect_statistics``), for the class statistics under the final
+global adapters; the contract is in :mod:`adaptsim.strategies.sharing`. After each experience
+the server's strategy is evaluated on the test sets of the experiences so far: the accuracy
+matrix ``R[t, k]`` of the centralised runs.
 
 Supported: all clients join at the start and see every experience in step; a client whose share
 of an experience is empty skips training that round (its weight is 0). Late joiners and clients
@@ -23,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from adaptsim.cl.evaluate import evaluate_stream
 from adaptsim.cl.scenarios import Experience, Stream
@@ -46,7 +50,8 @@ def split_experience(exp: Experience, num_clients: int, method: str, *, alpha: f
 def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, num_clients: int,
             rounds: int = 1, partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
             eval_batch_size: int = 256, on_experience: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Runs the stream federated; returns the accuracy matrix and per-round records.
+    """Runs the stream federated; returns the accuracy matrix, per-round records, the server and
+    client strategies and the last aggregate (``global``).
 
     Args:
         stream: the global stream.
@@ -60,30 +65,41 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
         ValueError: the strategy does not implement sharing.
     """
     server = make_strategy()
-    check_sharing(server.name)
+    check_sharing(server.name, server.config)
     clients = [make_strategy() for _ in range(num_clients)]
+    # Each client call starts from the torch RNG state a freshly built strategy sees, as a Flower
+    # client rebuilt every round does: so lazily built parameters (MOS's first adapter set) start
+    # equal on every client, and persisted clients reach exactly what rebuilt ones reach.
+    rng0 = torch.get_rng_state()
     T = len(stream)
     evals = [e.eval_view() for e in stream.experiences]
     R: list[list[float]] = []
+    agg = None
     records: list[dict[str, Any]] = []
     for t, exp in enumerate(stream.experiences):
         shares = split_experience(exp, num_clients, partition, alpha=alpha, seed=seed * 1000 + t)
         sizes = [len(s.train) for s in shares]
         server.begin_experience(exp)
         t0 = time.perf_counter()
-        for r in range(rounds):
+        extra = ["statistics"] if getattr(server, "statistics_round", False) else []
+        for r, kind in enumerate(["train"] * rounds + extra):
             states = []
             for c, share in zip(clients, shares):
                 if len(share.train) == 0:
                     continue
-                c.train_experience(share, fit)
+                torch.set_rng_state(rng0)
+                if kind == "train":
+                    c.train_experience(share, fit)
+                else:
+                    c.collect_statistics(share)
                 states.append(c.shareable_state())
             agg = server.aggregate_shared(states)
             for c in [*clients, server]:
                 c.load_shared_state(agg)
             up = [s.nbytes() for s in states]
             down = agg.nbytes()
-            records.append({"experience": t, "round": r, "clients": len(states), "client_sizes": sizes,
+            records.append({"experience": t, "round": r, "kind": kind, "clients": len(states),
+                            "client_sizes": sizes,
                             "bytes_up": {k: int(sum(u[k] for u in up)) for k in ("arrays", "stats")},
                             "bytes_down": {k: int(v) * len(clients) for k, v in down.items()}})
         server.end_experience()
@@ -93,4 +109,4 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
         log.info("fcl after experience %d: %s", t, " ".join(f"{a:.3f}" for a in row))
         if on_experience is not None:
             on_experience(t, rec)
-    return {"R": R, "rounds": records, "server": server, "clients": clients}
+    return {"R": R, "rounds": records, "server": server, "clients": clients, "global": agg}
