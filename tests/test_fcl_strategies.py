@@ -141,6 +141,9 @@ def test_rebuilt_clients_reach_the_persisted_run_and_a_fresh_copy_the_server(nam
     fresh.load_shared_state(out["global"])
     assert torch.equal(fresh.predict(x), ref)  # fresh + load == the server copy
     assert fresh.seen_classes == out["server"].seen_classes
+    blank = make()  # the server did move away from the initial state
+    blank.seen_classes = list(out["server"].seen_classes)
+    assert not torch.equal(blank.predict(x), ref)
 
 
 def test_finetune_one_client_equals_centralised_and_rounds_continue(stream, base_backbone):
