@@ -19,6 +19,7 @@ from adaptsim.strategies.joint import Joint, JointConfig
 from adaptsim.strategies.mora import MoRA, MoRAConfig
 from adaptsim.strategies.mos import MOS, MOSConfig
 from adaptsim.strategies.o3 import O3, O3Config
+from adaptsim.strategies.pilora import PILoRA, PILoRAConfig
 from adaptsim.strategies.sema import SEMA, SEMAConfig
 from adaptsim.strategies.simplecil import SimpleCIL, SimpleCILConfig
 
@@ -40,6 +41,7 @@ __all__ = [
     "MOSConfig",
     "O3",
     "O3Config",
+    "PILoRA", "PILoRAConfig",
     "SEMA",
     "SEMAConfig",
     "SimpleCIL",
