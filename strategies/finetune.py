@@ -84,6 +84,15 @@ class FinetuneConfig(BaseStrategyConfig):
             raise ValueError(f"loss_classes must be 'seen', 'current' or null, got {self.loss_classes!r}")
 
 
+class _FrozenInHeadMode:
+    """``frozen_features``: ``config.mode == "head"`` on an instance, ``False`` on the class (a
+    factory asking the class, as the fcl run kind does, must not share one backbone between
+    LoRA copies: each injects its own LoRA)."""
+
+    def __get__(self, obj, objtype=None) -> bool:
+        return False if obj is None else obj.config.mode == "head"
+
+
 @register_strategy("finetune", FinetuneConfig)
 class Finetune(Strategy):
     """Sequential training with no protection against forgetting."""
@@ -169,9 +178,7 @@ class Finetune(Strategy):
             if c not in self.seen_classes:
                 self.seen_classes.append(int(c))
 
-    @property
-    def frozen_features(self) -> bool:  # type: ignore[override]
-        return self.config.mode == "head"
+    frozen_features = _FrozenInHeadMode()  # type: ignore[assignment]
 
     def predict_from_features(self, feats: torch.Tensor) -> torch.Tensor:
         return self.mask_unseen(self.head(feats))  # the prototype head's unseen rows are -inf already
