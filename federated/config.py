@@ -113,6 +113,11 @@ class FederatedConfig:
         min_replies: a round completes with at least this many replies (fault tolerance).
         seed: run seed (global init, client sampling, local batch order).
         a_seed: seed the server sends in round 0; every client builds bit-identical A from it.
+        fcl: method ``"fcl"`` only: the whole federated continual-learning experiment (the raw
+            ``kind: fcl`` config: scenario, strategy, backbone, train, fcl, run), set by the
+            ``fcl`` run kind when ``fcl.engine`` is ``simulation`` or ``deployment``
+            (:mod:`adaptsim.federated.methods.fcl`). Empty for every other method; an empty
+            mapping adds no key to Flower's ``run_config`` (so none to ``pyproject.toml``).
         eval_batch_size: batch size of the server-side evaluation.
         device: ``cpu``, ``cuda`` or ``auto``.
         num_threads: torch CPU threads (0 = leave torch's default). Default 1: on a shared
@@ -142,6 +147,7 @@ class FederatedConfig:
     seed: int = 0
     a_seed: int = 1234
     fednano: FedNanoConfig = field(default_factory=FedNanoConfig)  # method "fednano" only
+    fcl: dict[str, Any] = field(default_factory=dict, hash=False)  # method "fcl" only
     eval_batch_size: int = 256
     device: str = "auto"
     num_threads: int = 1

@@ -7,7 +7,9 @@ from typing import ClassVar
 
 from adaptsim.cl.experiment import ExperimentConfig
 
-__all__ = ["FCLSettings", "FCLExperimentConfig"]
+__all__ = ["FCLSettings", "FCLExperimentConfig", "ENGINES"]
+
+ENGINES = ("inprocess", "simulation", "deployment")
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,12 @@ class FCLSettings:
             ``partition_seed * 1000 + t``).
         centralised: also run the same strategy centralised on the same stream, as the reference
             (its accuracy matrix goes into ``metrics.json`` under ``centralised``).
+        engine: how the rounds run, as for the other federated methods: ``inprocess`` (the loop
+            of :mod:`adaptsim.federated.fcl.loop`, default), ``simulation`` (Flower's simulation
+            engine) or ``deployment`` (a real ``flower-superlink`` and ``num_clients``
+            ``flower-supernode`` processes on loopback). The Flower engines run the registered
+            federated method ``fcl`` (:mod:`adaptsim.federated.methods.fcl`) through the generic
+            Flower apps and give the same accuracy matrix, prototypes and bytes as ``inprocess``.
     """
 
     num_clients: int = 10
@@ -31,6 +39,7 @@ class FCLSettings:
     dirichlet_alpha: float = 0.5
     partition_seed: int = 0
     centralised: bool = False
+    engine: str = "inprocess"
 
     def __post_init__(self) -> None:
         if self.num_clients < 1:
@@ -39,6 +48,8 @@ class FCLSettings:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.partition not in ("dirichlet", "iid"):
             raise ValueError(f"partition must be 'dirichlet' or 'iid', got {self.partition!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
 

@@ -5,6 +5,9 @@ and has the continual sections plus ``fcl`` (:class:`~adaptsim.federated.fcl.con
 The run folder holds what a continual run writes (``metrics.json`` with ``R`` and its derived
 metrics, ``accuracy_matrix.csv``, the plots), plus ``fcl_rounds.json`` (clients, partition sizes,
 bytes up and down by kind, per round) and, with ``fcl.centralised``, the centralised reference.
+``fcl.engine`` picks the in-process loop or Flower (:mod:`adaptsim.federated.fcl.flower`: the
+simulation engine or real SuperLink/SuperNode processes, which also leave Flower's
+``flower_rounds.json``, ``checkpoints/`` and ``flower/`` logs in the run folder).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
     from adaptsim.cl.metrics import summarize
     from adaptsim.cl.runner import prepare
     from adaptsim.cl.train import fit, seed_everything
+    from adaptsim.federated.fcl.flower import run_fcl_flower
     from adaptsim.federated.fcl.loop import run_fcl
 
     if cfg.train.num_threads > 0:
@@ -82,9 +86,12 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
     make = _make_strategy_factory(cfg, stream, device)
     f = cfg.fcl
     t0 = time.perf_counter()
-    out = run_fcl(stream, make, lambda phase: fit(phase, device=device), num_clients=f.num_clients,
-                  rounds=f.rounds, partition=f.partition, alpha=f.dirichlet_alpha, seed=f.partition_seed,
-                  eval_batch_size=cfg.train.eval_batch_size)
+    if f.engine == "inprocess":
+        out = run_fcl(stream, make, lambda phase: fit(phase, device=device), num_clients=f.num_clients,
+                      rounds=f.rounds, partition=f.partition, alpha=f.dirichlet_alpha, seed=f.partition_seed,
+                      eval_batch_size=cfg.train.eval_batch_size)
+    else:
+        out = run_fcl_flower(cfg, stream, rd.path)
     wall = time.perf_counter() - t0
     R = np.array(out["R"], dtype=float)
     n = stream.test_sizes()
@@ -92,7 +99,7 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
     metrics: dict[str, Any] = {
         "config_hash": cfg.config_hash(), "scenario": stream.kind, "strategy": cfg.strategy.name,
         "setting": {"num_clients": f.num_clients, "rounds": f.rounds, "partition": f.partition,
-                    "dirichlet_alpha": f.dirichlet_alpha},
+                    "dirichlet_alpha": f.dirichlet_alpha, "engine": f.engine},
         "experiences": [e.name for e in stream], "R": R.tolist(), "test_sizes": n,
         **summarize(np.nan_to_num(R), n, None, multi_domain=multi),
         "bytes_up": int(sum(sum(r["bytes_up"].values()) for r in out["rounds"])),
