@@ -91,18 +91,23 @@ def test_fcl_method_on_the_round_engine_equals_the_fcl_loop(monkeypatch):
     assert bool(server.classifier.has_proto.all())
 
 
-def test_rebuilt_finetune_clients_continue_from_the_global_state():
-    """(a) with trained parameters: 2 rounds per experience, so a client that ignored the global
-    state (or restarted from other randomness) would change R."""
+@pytest.mark.parametrize("strategy,rounds", [({"name": "finetune", "epochs": 1}, 2),
+                                             ({"name": "mos", "epochs": 1, "crct_epochs": 1, "merge_mode": "paper"}, 1)])
+def test_rebuilt_clients_continue_from_the_global_state(strategy, rounds):
+    """(a) with trained parameters: finetune with 2 rounds per experience (a client that ignored
+    the global state, or restarted from other randomness, would change R); MOS with its
+    statistics round (``collect_statistics``; fcl.rounds + 1 server rounds per experience)."""
     from adaptsim.federated.fcl.config import FCLExperimentConfig
     from adaptsim.federated.fcl.flower import fed_experiment_of, results_of_rounds
     from adaptsim.federated.local_sim import run_inprocess
 
-    raw = _cfg(num_clients=2, two_experiences=True, rounds=2).to_raw()
-    raw["strategy"] = {"name": "finetune", "epochs": 1}
+    raw = _cfg(num_clients=2, two_experiences=True, rounds=rounds).to_raw()
+    raw["strategy"] = strategy
     cfg = FCLExperimentConfig.from_raw(raw, "test")
     stream, ref = _reference(cfg)
-    out = results_of_rounds(run_inprocess(fed_experiment_of(cfg, len(stream), mode="inprocess")), len(stream))
+    fcfg = fed_experiment_of(cfg, len(stream), mode="inprocess")
+    assert fcfg.federated.rounds == 2 * 2
+    out = results_of_rounds(run_inprocess(fcfg), len(stream))
     np.testing.assert_array_equal(np.array(out["R"]), np.array(ref["R"]))
     assert out["rounds"] == ref["rounds"] and out["rounds"][0]["bytes_up"]["arrays"] > 0
 
