@@ -88,7 +88,8 @@ class FederatedConfig:
     Attributes:
         method: a method of the registry (:mod:`adaptsim.federated.methods`): ``"lora"`` (A and B
             trained and averaged), ``"ffa_lora"`` (A frozen from ``a_seed``, only B and the head
-            trained and sent) or ``"fednano"`` (options in ``fednano``).
+            trained and sent), ``"fednano"`` (options in ``fednano``) or ``"fcl"`` (federated
+            continual learning; built by the ``fcl`` run kind, options in ``fcl``).
         mode: ``"inprocess"`` (sequential loop, :mod:`adaptsim.federated.local_sim`),
             ``"simulation"`` (Flower simulation engine) or ``"deployment"`` (SuperLink +
             SuperNodes on loopback).

@@ -143,6 +143,10 @@ def test_fcl_engine_and_method_refuse_bad_input(tmp_path, capsys):
     rc = main(["run", "scenarios/tiny_digits.yaml", "--kind=fcl", "--fcl.engine=flower", f"--run.out_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "inprocess" in err and not any(tmp_path.iterdir())
+    rc = main(["run", "scenarios/tiny_digits.yaml", "--kind=fcl", "--strategy.name=mos", "--strategy.merge_mode=official",
+               "--fcl.engine=deployment", f"--run.out_dir={tmp_path}"])  # refused before any process starts
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "merge_mode='paper'" in err and not any(tmp_path.iterdir())
     cfg = load_fed_experiment({"federated": {"method": "fcl"}})
     with pytest.raises(ConfigError, match="fcl run kind"):
         fed_method_class("fcl").check(cfg)

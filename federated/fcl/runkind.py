@@ -42,7 +42,7 @@ def _prepare(cfg) -> None:
     from adaptsim.strategies.sharing import check_sharing
 
     try:
-        check_sharing(cfg.strategy.name)
+        check_sharing(cfg.strategy.name, cfg.strategy.config)  # refused settings too, before any process starts
     except ValueError as e:
         raise ConfigError(f"strategy.name: {e}") from None
     prepare(cfg)
