@@ -254,3 +254,14 @@ def test_config_validation():
                 {"ort_weight": -1.0}, {"round_schedule": 0}, {"loss_classes": "current"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             PILoRAConfig(**bad)
+
+
+def test_state_dict_round_trip_rebuilds_the_loras(make, digits_stream):
+    st = make()
+    for e in digits_stream.experiences[:2]:
+        st.train_experience(_small(e, 32), fit)
+    state = st.state_dict()
+    back = make()
+    back.load_state_dict(state)
+    x = digits_stream.experiences[0].test.x[:32]
+    assert back.lora_names == ["e0", "e1"] and torch.equal(back.predict(x), st.predict(x))
