@@ -203,19 +203,19 @@ def test_server_reweights_the_prototypes_and_the_ablation_averages_them(make, di
     shares = split_experience(e0, 3, "dirichlet", alpha=0.5, seed=0)
     got = {}
     for rw in (True, False):
-        clients = [make(reweight=rw) for _ in shares]
+        clients = [make(reweight=rw, reweight_temperature=0.5) for _ in shares]
         states = []
         for c, s in zip(clients, shares):
             c.train_experience(_small(s, 48), fit)
             states.append(c.shareable_state())
-        agg = make(reweight=rw).aggregate_shared(states)
+        agg = make(reweight=rw, reweight_temperature=0.5).aggregate_shared(states)
         cls = list(e0.classes)
         got[rw] = agg.arrays["prototypes"][cls]
         protos = np.stack([s.arrays["proto_current"] for s in states])
         if rw:
             means = np.stack([s.stats["features"].means()[cls] for s in states])
             has = np.stack([s.stats["features"].counts[cls] > 0 for s in states])
-            want = reweight_prototypes(protos, means, has, 0.2)
+            want = reweight_prototypes(protos, means, has, 0.5)  # the configured tau, not 0.2
         else:
             w = np.array([s.weight for s in states], np.float64)
             want = np.einsum("m,mkd->kd", w / w.sum(), protos.astype(np.float64))
