@@ -4,7 +4,10 @@ Paper: FFA-LoRA, "Improving LoRA in Privacy-preserving Federated Learning", Sun 
 https://arxiv.org/abs/2403.12313.
 
 - ``query`` (round 0): stores the ``a-seed`` the server sends in ``context.state`` and answers
-  with this node's ``partition-id``/``num-partitions`` (from the SuperNode's node config).
+  with this node's ``partition-id``/``num-partitions`` (from the SuperNode's node config) and,
+  in a ``config`` record, ``a-hash``: the method's :meth:`~adaptsim.federated.methods.base.FedMethod.frozen_a_hash`
+  of the A built from that seed (``""`` for methods without a frozen A); the server refuses a
+  node whose hash differs from its own.
 - ``train``: the experiment's method (:mod:`adaptsim.federated.methods`) builds (or reuses, per
   process) its model with A from that seed, runs its ``client_fit`` and keeps its state (the DP
   accountant for LoRA / FFA-LoRA) in
@@ -19,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from adaptsim.federated.flower_glue import (arrays_to_record, experiment_from_run_config, metrics_to_record,
@@ -44,13 +47,17 @@ def _setup(context: Context) -> tuple[Any, int, int, dict]:
 
 @app.query()
 def handshake(msg: Message, context: Context) -> Message:
-    """Round 0: remember the server's ``a-seed``; report this node's partition."""
+    """Round 0: remember the server's ``a-seed``; report this node's partition and A hash."""
+    from adaptsim.federated.methods import fed_method
+
     state = state_get(context)
     state["a_seed"] = int(msg.content["config"]["a-seed"])
     state_put(context, state)
+    cfg = _setup(context)[0]
     metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"]),
                             "num-partitions": int(context.node_config["num-partitions"])})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    config = ConfigRecord({"a-hash": fed_method(cfg).frozen_a_hash() or ""})
+    return Message(RecordDict({"metrics": metrics, "config": config}), reply_to=msg)
 
 
 @app.train()

@@ -211,10 +211,12 @@ def node_dp_store(context: Any, cfg: Any, partition_id: int) -> Any:
 
 
 # -- round metrics hand-back -----------------------------------------------------------------
-def write_rounds(run_dir: Path, rounds: list[dict], initial: Mapping[str, Any]) -> Path:
-    """Writes ``run_dir/flower_rounds.json``: ``{"initial": eval before round 1, "rounds": [...]}``."""
+def write_rounds(run_dir: Path, rounds: list[dict], initial: Mapping[str, Any],
+                 refused: list[dict] | None = None) -> Path:
+    """Writes ``run_dir/flower_rounds.json``: ``{"initial": eval before round 1, "rounds": [...],
+    "refused": nodes the handshake refused ({node, partition, reason})}``."""
     path = Path(run_dir) / ROUNDS_FILE
-    path.write_text(dumps_json({"initial": dict(initial), "rounds": rounds}))
+    path.write_text(dumps_json({"initial": dict(initial), "rounds": rounds, "refused": list(refused or [])}))
     return path
 
 

@@ -9,6 +9,11 @@ with ``Message(content, message_type, dst_node_id)``, replies are read through
   (``failed``: ``{client, reason}`` for every sampled client without a valid reply: the error a
   reply from its node carried, an error the SuperLink sent on its behalf, or "no reply before the
   round timeout");
+- node-bound partitions: a partition is served by the node bound to it at the round-0
+  handshake (:func:`adaptsim.federated.server_app.bind_partitions`); a reply's partition is that
+  of its ``metadata.src_node_id``, a reply claiming another partition or ``num-examples`` above
+  its partition's known size (:meth:`~adaptsim.federated.methods.base.FedMethod.partition_sizes`)
+  is a failure record and is not aggregated; refused nodes are never sampled;
 - seeded client sampling over partition ids, the same sample as the in-process engine
   (:func:`adaptsim.federated.local_sim.sample_clients`; the node of each partition is learnt in
   the round-0 handshake) instead of Flower's unseeded ``random.sample``.
@@ -49,13 +54,16 @@ class FedMethodStrategy(FedAvg):
         cfg: the :class:`~adaptsim.federated.config.FedExperimentConfig`.
         node_of_partition: partition id -> Flower node id (from the round-0 handshake).
         run_dir: where round records, checkpoints and plots are written after every round.
+        refused: the handshake's refused nodes (``{node, partition, reason}``); a sampled
+            partition without a bound node fails with its refusal reason.
 
     Attributes:
         replies: the current round's :class:`~adaptsim.federated.rounds.RoundReplies`.
         book: the shared :class:`~adaptsim.federated.rounds.RoundBook` (``rounds``, ``epsilon``).
     """
 
-    def __init__(self, cfg: Any, node_of_partition: dict[int, int], run_dir: Path) -> None:
+    def __init__(self, cfg: Any, node_of_partition: dict[int, int], run_dir: Path,
+                 refused: list[dict] | None = None) -> None:
         fed = cfg.federated
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=fed.clients_per_round,
                          min_available_nodes=fed.clients_per_round)
@@ -66,6 +74,8 @@ class FedMethodStrategy(FedAvg):
         self.replies: RoundReplies | None = None
         self._targets: list[int] = []
         self._global: dict = {}
+        self.refused = list(refused or [])
+        self._sizes = self.method.partition_sizes()
 
     def start_run(self, grid: Grid, timeout: float) -> None:
         """``Strategy.start`` from the method's initial arrays, with central evaluation."""
@@ -84,7 +94,8 @@ class FedMethodStrategy(FedAvg):
         self._targets, msgs = [], []
         for p in self.replies.sampled:
             if p not in self.node_of_partition:
-                self.replies.fail(p, "no connected SuperNode")
+                why = [r["reason"] for r in self.refused if r["partition"] == p]
+                self.replies.fail(p, "; ".join(why) or "no connected SuperNode")
                 continue
             self._targets.append(p)
             self.replies.sent(p, self._global)
@@ -101,26 +112,39 @@ class FedMethodStrategy(FedAvg):
         replies, rr = list(replies), self.replies
         part_of = {n: p for p, n in self.node_of_partition.items()}
         answered: set[int] = set()
+        bad: dict[int, str] = {}
         for m in replies:
             if m.has_error():
                 continue
+            src = m.metadata.src_node_id
+            pid = part_of.get(src)  # the partition is the node's, not what the reply says
+            if pid not in self._targets or pid in answered or pid in bad:
+                logger.warning("round %d: ignored a reply from node %s (no sampled partition bound to it)",
+                               server_round, src)
+                continue
             met = metrics_from_record(m.content["metrics"])
-            pid = int(met.pop("partition_id"))
-            answered.add(pid)
-            rr.add(pid, record_to_arrays(m.content[self.arrayrecord_key]), int(met.pop("num_examples")), met)
+            claimed, n = int(met.pop("partition_id", pid)), int(met.pop("num_examples"))
+            if claimed != pid:
+                bad[pid] = f"node {src} is bound to partition {pid} but its reply says partition {claimed}"
+            elif n < 0 or (self._sizes is not None and n > self._sizes[pid]):
+                bad[pid] = (f"node {src}: num-examples={n} outside [0, {self._sizes[pid] if self._sizes else 'inf'}]"
+                            f", the size of partition {pid}")
+            else:
+                answered.add(pid)
+                rr.add(pid, record_to_arrays(m.content[self.arrayrecord_key]), n, met)
         # an error reply names its client by the node it came from; the SuperLink's own error
         # replies (e.g. "Node Unavailable") come from the SuperLink's node and name no client
         reason_of, unattributed = {}, []
         for m in replies:
             if m.has_error():
                 p = part_of.get(m.metadata.src_node_id)
-                if p in self._targets and p not in answered and p not in reason_of:
+                if p in self._targets and p not in answered and p not in bad and p not in reason_of:
                     reason_of[p] = m.error.reason
                 else:
                     unattributed.append(m.error.reason)
         for p in self._targets:
             if p not in answered:
-                rr.fail(p, reason_of.get(p) or (unattributed.pop(0) if unattributed else SILENT))
+                rr.fail(p, bad.get(p) or reason_of.get(p) or (unattributed.pop(0) if unattributed else SILENT))
         new = self.book.aggregate(rr, self._global)
         return arrays_to_record(new), MetricRecord({"train-loss": rr.train_loss})
 
@@ -131,7 +155,7 @@ class FedMethodStrategy(FedAvg):
         if server_round == 0:
             ev = self.method.evaluate(global_arrays)
             self.initial = {"accuracy": ev["accuracy"], "loss": ev["loss"]}
-            write_rounds(self.run_dir, self.book.rounds, self.initial)
+            write_rounds(self.run_dir, self.book.rounds, self.initial, self.refused)
         else:
             ev = self.book.close(self.replies, global_arrays)
         return MetricRecord({"accuracy": float(ev["accuracy"]), "loss": float(ev["loss"])})
@@ -140,4 +164,4 @@ class FedMethodStrategy(FedAvg):
         from adaptsim.federated.runner import write_fed_outputs
 
         write_fed_outputs(self.cfg, rounds, self.run_dir)
-        write_rounds(self.run_dir, rounds, self.initial)
+        write_rounds(self.run_dir, rounds, self.initial, self.refused)

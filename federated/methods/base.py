@@ -170,3 +170,15 @@ class FedMethod(ABC):
             ``loss``, ``epsilon`` and ``budget_spent``; its numeric entries travel over Flower.
         """
 
+    # -- node checks (Flower server) ---------------------------------------------------------
+    def frozen_a_hash(self) -> str | None:
+        """sha256 (hex) of the method's frozen/shared initial A arrays, or ``None`` (default: the
+        method has none). The Flower handshake compares a node's hash with the server's own and
+        refuses a node whose A differs."""
+        return None
+
+    def partition_sizes(self) -> list[int] | None:
+        """The number of training examples of every partition (index = partition id), from the
+        same partitioner the clients use, or ``None`` (default: unknown, no bound). The Flower
+        server refuses a reply whose ``num-examples`` exceeds its partition's size."""
+        return None

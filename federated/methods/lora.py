@@ -17,7 +17,17 @@ import numpy as np
 from adaptsim.federated.config import FederatedConfig
 from adaptsim.federated.methods.base import ClientResult, FedMethod, register_fed_method
 
-__all__ = ["LoRAMethod", "LoRA", "FFALoRA"]
+__all__ = ["LoRAMethod", "LoRA", "FFALoRA", "a_hash"]
+
+
+def a_hash(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 (hex) of ``arrays`` in name order, each as contiguous float32 bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(np.ascontiguousarray(arrays[name], dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 class LoRAMethod(FedMethod):
@@ -77,6 +87,27 @@ class LoRAMethod(FedMethod):
         from adaptsim.federated.task import evaluate, load_data
 
         return evaluate(self.model(), dict(arrays), load_data(self.cfg)[1], self.cfg.federated.eval_batch_size)
+
+    def frozen_a_hash(self) -> str | None:
+        """sha256 of the initial A arrays (``lora_A`` parameters as built from ``a_seed``, in name
+        order, float32 bytes): FFA-LoRA's frozen A and LoRA's initial A."""
+        from adaptsim.federated.task import initial_arrays
+
+        if self.sends_a:  # LoRA: A as built from a_seed is part of the initial global arrays
+            return a_hash({k: v for k, v in initial_arrays(self.cfg).items() if "lora_A" in k})
+        # FFA-LoRA: A is frozen, so the cached model's A is still the A built from a_seed
+        return a_hash({n: p.detach().cpu().numpy() for n, p in self.model().named_parameters() if "lora_A" in n})
+
+    def partition_sizes(self) -> list[int]:
+        """Training examples per partition (the partitioner the clients use, on the loaded data)."""
+        from adaptsim.federated.partition import partition_indices
+        from adaptsim.federated.task import load_data
+
+        f = self.cfg.federated
+        parts = partition_indices(load_data(self.cfg)[0].targets, f.num_clients, f.partition,
+                                  alpha=f.dirichlet_alpha, seed=f.partition_seed,
+                                  min_partition_size=f.min_partition_size)
+        return [len(idx) for idx in parts]
 
     def client_fit(self, arrays: Mapping[str, np.ndarray], partition_id: int, client_state: dict | None, *,
                    round_idx: int, node_store: Any = None) -> ClientResult:
