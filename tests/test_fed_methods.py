@@ -45,11 +45,11 @@ def test_registry_lists_the_methods_with_their_config_and_run_kind():
 
 
 def test_unknown_method_error_lists_the_registered_ones():
-    with pytest.raises(KeyError, match=r"unknown federated method 'ffa_lroa'; available: fednano, ffa_lora, lora"
+    with pytest.raises(KeyError, match=r"unknown federated method 'ffa_lroa'; available: fcl, fednano, ffa_lora, lora"
                                        r".*did you mean 'ffa_lora'"):
         fed_method_class("ffa_lroa")
     with pytest.raises(ConfigError, match=r"federated.method must be a registered method, one of "
-                                          r"\['fednano', 'ffa_lora', 'lora'\]; got 'fedprox'"):
+                                          r"\['fcl', 'fednano', 'ffa_lora', 'lora'\]; got 'fedprox'"):
         load_fed_experiment({"federated": {"method": "fedprox"}})
     with pytest.raises(ValueError, match="already registered"):
         register_fed_method("lora", object)(type("Again", (FedMethod,), {}))

@@ -16,6 +16,7 @@ from adaptsim.strategies import StreamInfo, get_strategy, list_strategies
 # Small settings so every strategy's smoke run takes seconds.
 FAST: dict[str, dict] = {
     "mos": dict(epochs=1, batch_size=32, lr=0.05, crct_epochs=1, ca_samples_per_class=16),
+    "pilora": dict(epochs=3, lr=0.5),
     "sema": dict(epochs=2, rd_epochs=1, rd_dim=16, bottleneck=8, detect_batch_size=64),
     "mora": dict(epochs=1, experts_per_task=4, top_k=4),
 }
