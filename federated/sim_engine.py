@@ -6,6 +6,10 @@ with a private ``FLWR_HOME``: ``flwr run <repo> <connection> --federation-config
 "num-supernodes=N client-resources-num-cpus=1 init-args-num-cpus=C"``. Ray runs the ClientApps
 in long-lived actors, so the per-process model cache of :mod:`adaptsim.federated.task` is hit
 from the second message on (unlike deployment, where every message starts a ``flwr-clientapp``).
+
+Flower 1.41's managed local SuperLink (connection address ``":local:"``) is not used: it is
+started detached on fixed ports, with no pid recorded and no command that stops it, so it would
+outlive the run and be shared by concurrent runs (docs/federated.md, "Managed local SuperLink").
 """
 
 from __future__ import annotations
