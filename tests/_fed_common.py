@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 #: A 2-block random ViT on 16 px images: federated tests build many clients, keep them cheap.
 TINY = {"name": "tiny_vit", "img_size": 16, "tiny_patch": 4, "tiny_dim": 32, "tiny_depth": 2, "tiny_heads": 2}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_torch_thread):  # noqa: ARG001  (conftest fixture)
     """Clients train one after another on one thread (as the federated runner does by default)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)

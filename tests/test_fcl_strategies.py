@@ -20,12 +20,7 @@ MOS_TINY = dict(epochs=1, batch_size=32, lr=0.05, crct_epochs=2, ca_samples_per_
 FT_TINY = dict(mode="lora", epochs=1, batch_size=32, lr=0.01, rank=2, alpha=2.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

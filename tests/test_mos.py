@@ -17,13 +17,7 @@ TINY = dict(epochs=1, batch_size=32, lr=0.05, crct_epochs=1, ca_samples_per_clas
             merge_mode="paper")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on the shared 2-core machine two threads per process oversubscribe badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _small(exp, n=80):

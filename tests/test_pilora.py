@@ -18,13 +18,7 @@ def _info(stream):
     return StreamInfo(stream.kind, stream.n_classes, stream.class_names, len(stream))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these tiny models only lose time to thread synchronisation."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()
