@@ -48,6 +48,8 @@ both follow it):
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +130,32 @@ class SharedState:
         """Bytes by kind: ``arrays`` and ``stats``."""
         return {"arrays": int(sum(a.nbytes for a in self.arrays.values())),
                 "stats": int(sum(s.nbytes() for s in self.stats.values()))}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """This state as flat named arrays, lossless (the wire format of Flower messages):
+        ``arrays/<name>``, ``stats/<kind>/counts|sums|outer``, ``fcl/weight``, ``fcl/meta`` (JSON bytes)."""
+        out = {f"arrays/{k}": np.asarray(v) for k, v in self.arrays.items()}
+        for kind, st in self.stats.items():
+            out[f"stats/{kind}/counts"] = np.asarray(st.counts)
+            out[f"stats/{kind}/sums"] = np.asarray(st.sums)
+            if st.outer is not None:
+                out[f"stats/{kind}/outer"] = np.asarray(st.outer)
+        out["fcl/weight"] = np.array([int(self.weight)], np.int64)
+        out["fcl/meta"] = np.frombuffer(json.dumps(self.meta).encode(), np.uint8).copy()
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "SharedState":
+        """Inverse of :meth:`to_arrays` (other keys ignored)."""
+        named = {k[len("arrays/"):]: np.array(v) for k, v in arrays.items() if k.startswith("arrays/")}
+        parts: dict[str, dict[str, np.ndarray]] = {}
+        for k, v in arrays.items():
+            if k.startswith("stats/"):
+                kind, part = k[len("stats/"):].rsplit("/", 1)
+                parts.setdefault(kind, {})[part] = np.array(v)
+        stats = {kind: ClassStats(p["counts"], p["sums"], p.get("outer")) for kind, p in sorted(parts.items())}
+        meta = json.loads(bytes(np.asarray(arrays["fcl/meta"], np.uint8)).decode())
+        return cls(named, int(np.asarray(arrays["fcl/weight"]).reshape(-1)[0]), stats, meta)
 
 
 def aggregate_shared(states: list[SharedState]) -> SharedState:

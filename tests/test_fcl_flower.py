@@ -55,13 +55,12 @@ def _cli(tmp_path, name, *args):
 
 
 def test_shared_state_flattens_losslessly():
-    from adaptsim.federated.methods.fcl import flatten_shared, unflatten_shared
     from adaptsim.strategies.sharing import ClassStats, SharedState
 
     st = SharedState({"set/0/A": np.arange(6, dtype=np.float32).reshape(2, 3)}, 7,
                      {"class": ClassStats(np.array([1, 2]), np.ones((2, 3)), np.ones((2, 3, 3))),
                       "proto": ClassStats(np.array([3, 0]), np.full((2, 3), 0.1))}, {"phase": "train", "classes": [0, 1]})
-    back = unflatten_shared(flatten_shared(st))
+    back = SharedState.from_arrays(st.to_arrays())
     assert back.weight == 7 and back.meta == st.meta and set(back.stats) == {"class", "proto"}
     assert np.array_equal(back.arrays["set/0/A"], st.arrays["set/0/A"]) and back.arrays["set/0/A"].dtype == np.float32
     assert back.stats["proto"].outer is None and np.array_equal(back.stats["class"].outer, st.stats["class"].outer)

@@ -35,38 +35,11 @@ import numpy as np
 
 from adaptsim.federated.fcl.config import FCLExperimentConfig
 from adaptsim.federated.methods.base import ClientResult, FedMethod, register_fed_method
+from adaptsim.strategies.sharing import SharedState
 
-__all__ = ["FCL", "flatten_shared", "unflatten_shared", "fcl_system"]
+__all__ = ["FCL", "fcl_system"]
 
 _SYSTEMS: dict[str, "_System"] = {}
-
-
-def flatten_shared(state: Any) -> dict[str, np.ndarray]:
-    """A :class:`~adaptsim.strategies.sharing.SharedState` as flat named arrays (lossless)."""
-    out = {f"arrays/{k}": np.asarray(v) for k, v in state.arrays.items()}
-    for kind, st in state.stats.items():
-        out[f"stats/{kind}/counts"] = np.asarray(st.counts)
-        out[f"stats/{kind}/sums"] = np.asarray(st.sums)
-        if st.outer is not None:
-            out[f"stats/{kind}/outer"] = np.asarray(st.outer)
-    out["fcl/weight"] = np.array([int(state.weight)], np.int64)
-    out["fcl/meta"] = np.frombuffer(json.dumps(state.meta).encode(), np.uint8).copy()
-    return out
-
-
-def unflatten_shared(arrays: Mapping[str, np.ndarray]) -> Any:
-    """Inverse of :func:`flatten_shared` (other keys ignored)."""
-    from adaptsim.strategies.sharing import ClassStats, SharedState
-
-    named = {k[len("arrays/"):]: np.array(v) for k, v in arrays.items() if k.startswith("arrays/")}
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    for k, v in arrays.items():
-        if k.startswith("stats/"):
-            kind, part = k[len("stats/"):].rsplit("/", 1)
-            parts.setdefault(kind, {})[part] = np.array(v)
-    stats = {kind: ClassStats(p["counts"], p["sums"], p.get("outer")) for kind, p in sorted(parts.items())}
-    meta = json.loads(bytes(np.asarray(arrays["fcl/meta"], np.uint8)).decode())
-    return SharedState(named, int(np.asarray(arrays["fcl/weight"]).reshape(-1)[0]), stats, meta)
 
 
 class _System:
@@ -176,9 +149,9 @@ class FCL(FedMethod):
         if k == 0:
             server.begin_experience(s.stream.experiences[t])
         sent = sorted((a for a, n in results if n > 0), key=lambda a: int(np.asarray(a["fcl/partition"])[0]))
-        agg = server.aggregate_shared([unflatten_shared(a) for a in sent])
+        agg = server.aggregate_shared([SharedState.from_arrays(a) for a in sent])
         server.load_shared_state(agg)
-        out = flatten_shared(agg)
+        out = agg.to_arrays()
         up = [_nbytes(a) for a in sent]
         down = _nbytes(out)
         self._record = {"experience": t, "round": k, "kind": kind, "clients": len(sent),
@@ -227,7 +200,7 @@ class FCL(FedMethod):
         client = s.make()
         rng = torch.get_rng_state()  # the state of a freshly built strategy, as in process
         if round_idx > 0:
-            client.load_shared_state(unflatten_shared(arrays))
+            client.load_shared_state(SharedState.from_arrays(arrays))
         torch.set_rng_state(rng)
         if kind == "train":
             out = client.train_experience(share, s.fit) or {}
@@ -235,4 +208,4 @@ class FCL(FedMethod):
                 met["loss"] = float(out["loss"])
         else:
             client.collect_statistics(share)
-        return {**flatten_shared(client.shareable_state()), **tag}, len(share.train), met, {}
+        return {**client.shareable_state().to_arrays(), **tag}, len(share.train), met, {}
