@@ -74,6 +74,25 @@ def test_federated_simplecil_equals_centralised_bit_for_bit(digits_stream, tiny_
     assert all(r["bytes_up"]["arrays"] == 0 and r["bytes_up"]["stats"] > 0 for r in out["rounds"])
 
 
+def test_client_accuracy_counts_only_the_classes_a_client_has_seen():
+    from adaptsim.federated.fcl.loop import client_accuracy
+
+    preds = [torch.tensor([0, 0, 1, 0]), torch.tensor([2, 3, 3])]
+    labels = [torch.tensor([0, 1, 1, 1]), torch.tensor([2, 2, 3])]
+    acc = client_accuracy(preds, labels, [{0}, {1}, {0, 1, 2, 3}, {2}, set()])
+    assert acc[:4] == pytest.approx([1.0, 1 / 3, 4 / 7, 0.5]) and np.isnan(acc[4])
+
+
+def test_one_client_accuracy_is_the_pooled_accuracy_of_the_classes_so_far(digits_stream, tiny_backbone):
+    from adaptsim.federated.fcl.loop import run_fcl
+
+    out = run_fcl(digits_stream, _maker("simplecil", digits_stream, tiny_backbone), fit=None, num_clients=1)
+    n = [len(e.test) for e in digits_stream.experiences]
+    for t, (row, per_client) in enumerate(zip(out["R"], out["client_accuracy"])):
+        pooled = sum(a * k for a, k in zip(row[: t + 1], n)) / sum(n[: t + 1])
+        assert per_client == pytest.approx([pooled], abs=1e-6)
+
+
 def test_a_strategy_without_sharing_is_refused_with_the_list(digits_stream, tiny_backbone):
     from adaptsim.federated.fcl.loop import run_fcl
 
@@ -94,6 +113,8 @@ def test_fcl_run_kind_writes_its_run_folder(tmp_path):
     assert m["setting"]["num_clients"] == 3 and len(m["R"]) == 3
     assert m["centralised"]["R"] == m["R"]  # SimpleCIL: federated == centralised
     assert m["bytes_up"] > 0 and (tmp_path / "fcl" / "fcl_rounds.json").is_file()
+    assert len(m["client_accuracy"]) == 3 and all(len(r) == 3 for r in m["client_accuracy"])
+    assert (tmp_path / "fcl" / "client_accuracy.csv").is_file()
 
 
 def test_fcl_run_kind_refuses_a_strategy_without_sharing(tmp_path, capsys):

@@ -10,7 +10,8 @@ strategy, loads the aggregate. Strategies with ``statistics_round`` (MOS) get on
 experience without training (``collect_statistics``), for the class statistics under the final
 global adapters; the contract is in :mod:`adaptsim.strategies.sharing`. After each experience
 the server's strategy is evaluated on the test sets of the experiences so far: the accuracy
-matrix ``R[t, k]`` of the centralised runs.
+matrix ``R[t, k]`` of the centralised runs, and each client's accuracy (:func:`client_accuracy`:
+the global model on the classes that client has trained on so far).
 
 Supported: all clients join at the start and see every experience in step; a client whose share
 of an experience is empty skips training that round (its weight is 0). Late joiners and clients
@@ -28,12 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptsim.cl.evaluate import evaluate_stream
+from adaptsim.cl.evaluate import predictions
 from adaptsim.cl.scenarios import Experience, Stream
 from adaptsim.federated.partition import partition_indices
 from adaptsim.strategies.sharing import check_sharing
 
-__all__ = ["split_experience", "run_fcl"]
+__all__ = ["split_experience", "client_accuracy", "run_fcl"]
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,29 @@ def split_experience(exp: Experience, num_clients: int, method: str, *, alpha: f
     return [dataclasses.replace(exp, train=exp.train.subset(np.sort(idx))) for idx in parts]
 
 
+def client_accuracy(preds: list[torch.Tensor], labels: list[torch.Tensor],
+                    seen: list[set[int]]) -> list[float]:
+    """Each client's accuracy: the global model's top-1 accuracy on the union test set restricted
+    to the classes that client has had training data of so far (NaN for a client with none yet).
+
+    Args:
+        preds, labels: per evaluated experience, the global model's predictions and the labels.
+        seen: per client, the classes of its shares so far.
+    """
+    p, y = torch.cat(preds), torch.cat(labels)
+    out = []
+    for classes in seen:
+        mask = torch.isin(y, torch.tensor(sorted(classes), dtype=y.dtype))
+        out.append(float((p[mask] == y[mask]).float().mean()) if classes and bool(mask.any()) else float("nan"))
+    return out
+
+
 def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, num_clients: int,
             rounds: int = 1, partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
             eval_batch_size: int = 256, on_experience: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Runs the stream federated; returns the accuracy matrix, per-round records, the server and
-    client strategies and the last aggregate (``global``).
+    """Runs the stream federated; returns the accuracy matrix, the per-client accuracy after each
+    experience, per-round records, the server and client strategies and the last aggregate
+    (``global``).
 
     Args:
         stream: the global stream.
@@ -76,6 +95,8 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
     R: list[list[float]] = []
     agg = None
     records: list[dict[str, Any]] = []
+    seen: list[set[int]] = [set() for _ in clients]  # classes each client has trained on so far
+    per_client: list[list[float]] = []  # per experience, per client (client_accuracy)
     for t, exp in enumerate(stream.experiences):
         shares = split_experience(exp, num_clients, partition, alpha=alpha, seed=seed * 1000 + t)
         sizes = [len(s.train) for s in shares]
@@ -103,10 +124,17 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
                             "bytes_up": {k: int(sum(u[k] for u in up)) for k in ("arrays", "stats")},
                             "bytes_down": {k: int(v) * len(clients) for k, v in down.items()}})
         server.end_experience()
-        row = evaluate_stream(server, evals[: t + 1], eval_batch_size)
+        for k, share in enumerate(shares):
+            seen[k].update(int(c) for c in share.train.y.unique().tolist())
+        preds = [predictions(server, e, eval_batch_size) for e in evals[: t + 1]]
+        labels = [e.test.y for e in evals[: t + 1]]
+        row = [float((p == y).float().mean()) if len(y) else float("nan") for p, y in zip(preds, labels)]
         R.append(row + [float("nan")] * (T - len(row)))
-        rec = {"experience": t, "accuracy": row, "seconds": time.perf_counter() - t0}
+        per_client.append(client_accuracy(preds, labels, seen))
+        rec = {"experience": t, "accuracy": row, "client_accuracy": per_client[-1],
+               "seconds": time.perf_counter() - t0}
         log.info("fcl after experience %d: %s", t, " ".join(f"{a:.3f}" for a in row))
         if on_experience is not None:
             on_experience(t, rec)
-    return {"R": R, "rounds": records, "server": server, "clients": clients, "global": agg}
+    return {"R": R, "client_accuracy": per_client, "rounds": records, "server": server, "clients": clients,
+            "global": agg}

@@ -4,7 +4,8 @@ Registered through the ``adaptsim.run_kinds`` entry point. A YAML names it with 
 and has the continual sections plus ``fcl`` (:class:`~adaptsim.federated.fcl.config.FCLSettings`).
 The run folder holds what a continual run writes (``metrics.json`` with ``R`` and its derived
 metrics, ``accuracy_matrix.csv``, the plots), plus ``fcl_rounds.json`` (clients, partition sizes,
-bytes up and down by kind, per round) and, with ``fcl.centralised``, the centralised reference.
+bytes up and down by kind, per round), ``client_accuracy.csv`` (after each experience, the global
+model's accuracy on each client's seen classes; in-process engine) and, with ``fcl.centralised``, the centralised reference.
 ``fcl.engine`` picks the in-process loop or Flower (:mod:`adaptsim.federated.fcl.flower`: the
 simulation engine or real SuperLink/SuperNode processes, which also leave Flower's
 ``flower_rounds.json``, ``checkpoints/`` and ``flower/`` logs in the run folder).
@@ -29,6 +30,11 @@ def fcl_summary(m: Mapping[str, Any]) -> dict[str, float]:
     for k in ("bytes_up", "bytes_down"):
         if isinstance(m.get(k), (int, float)):
             out[k] = float(m[k])
+    last = (m.get("client_accuracy") or [None])[-1]
+    vals = [float(v) for v in (last or []) if isinstance(v, (int, float)) and np.isfinite(v)]
+    if vals:  # the global model on each client's seen classes, after the last experience
+        out["client_acc_mean"] = float(np.mean(vals))
+        out["client_acc_min"] = float(np.min(vals))
     ref = m.get("centralised") or {}
     if isinstance(ref.get("A_last"), (int, float)) and "A_last" in out:
         out["centralised_A_last"] = float(ref["A_last"])
@@ -106,6 +112,8 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
         "bytes_down": int(sum(sum(r["bytes_down"].values()) for r in out["rounds"])),
         "wall_seconds_this_process": wall,
     }
+    if out.get("client_accuracy"):  # in-process engine: per experience, per client
+        metrics["client_accuracy"] = out["client_accuracy"]
     if f.centralised:
         central = make()
         Rc = []
@@ -120,6 +128,8 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
     rd.write_json("fcl_rounds.json", out["rounds"])
     rd.write_metrics(metrics)
     rd.write_csv("accuracy_matrix.csv", R.tolist(), [f"exp{k}" for k in range(R.shape[1])])
+    if out.get("client_accuracy"):
+        rd.write_csv("client_accuracy.csv", out["client_accuracy"], [f"client{k}" for k in range(f.num_clients)])
     if cfg.run.plots:
         from adaptsim.cl.plots import plot_accuracy_matrix, plot_curve
 
