@@ -93,6 +93,18 @@ def test_one_client_accuracy_is_the_pooled_accuracy_of_the_classes_so_far(digits
         assert per_client == pytest.approx([pooled], abs=1e-6)
 
 
+def test_strong_skew_leaves_some_clients_without_data_instead_of_failing(digits_stream):
+    from adaptsim.federated.fcl.loop import split_experience
+
+    import dataclasses
+
+    exp = digits_stream.experiences[0]
+    exp = dataclasses.replace(exp, train=exp.train.subset(np.arange(40)))
+    shares = split_experience(exp, 10, "dirichlet", alpha=0.05, seed=0)
+    sizes = [len(s.train) for s in shares]
+    assert sum(sizes) == 40 and 0 in sizes
+
+
 def test_a_strategy_without_sharing_is_refused_with_the_list(digits_stream, tiny_backbone):
     from adaptsim.federated.fcl.loop import run_fcl
 

@@ -13,6 +13,10 @@ the server's strategy is evaluated on the test sets of the experiences so far: t
 matrix ``R[t, k]`` of the centralised runs, and each client's accuracy (:func:`client_accuracy`:
 the global model on the classes that client has trained on so far).
 
+DP (``dp``, a :class:`~adaptsim.federated.fcl.dp.FCLPrivacy`): every client trains with the DP
+fit of its round, its statistics are noised before upload, a client whose budget is spent leaves
+the round; each round record carries every client's epsilon so far.
+
 Supported: all clients join at the start and see every experience in step; a client whose share
 of an experience is empty skips training that round (its weight is 0). Late joiners and clients
 out of step are not supported yet.
@@ -41,10 +45,22 @@ log = logging.getLogger(__name__)
 
 def split_experience(exp: Experience, num_clients: int, method: str, *, alpha: float, seed: int,
                      min_partition_size: int = 1) -> list[Experience]:
-    """The clients' shares of ``exp``'s training data (test data stays global)."""
+    """The clients' shares of ``exp``'s training data (test data stays global).
+
+    Dirichlet draws are redrawn until every client holds ``min_partition_size`` examples; where
+    no draw does (strong skew, few examples per experience: alpha 0.1 with 10 clients), the
+    first draw is kept and some clients get an empty share, so they sit the experience out.
+    """
     y = exp.train.y.numpy()
-    parts = partition_indices(y, num_clients, method, alpha=alpha, seed=seed,
-                              min_partition_size=min(min_partition_size, max(1, len(y) // num_clients)))
+    try:
+        parts = partition_indices(y, num_clients, method, alpha=alpha, seed=seed,
+                                  min_partition_size=min(min_partition_size, max(1, len(y) // num_clients)))
+    except ValueError as e:
+        if method != "dirichlet" or "no draw" not in str(e):
+            raise
+        parts = partition_indices(y, num_clients, method, alpha=alpha, seed=seed, min_partition_size=0)
+        log.info("experience %s: %d of %d clients have no data (alpha=%g)", exp.id,
+                 sum(len(p) == 0 for p in parts), num_clients, alpha)
     return [dataclasses.replace(exp, train=exp.train.subset(np.sort(idx))) for idx in parts]
 
 
@@ -67,7 +83,8 @@ def client_accuracy(preds: list[torch.Tensor], labels: list[torch.Tensor],
 
 def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, num_clients: int,
             rounds: int = 1, partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
-            eval_batch_size: int = 256, on_experience: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+            eval_batch_size: int = 256, on_experience: Callable[[int, dict], None] | None = None,
+            dp: Any = None, device: Any = "cpu") -> dict[str, Any]:
     """Runs the stream federated; returns the accuracy matrix, the per-client accuracy after each
     experience, per-round records, the server and client strategies and the last aggregate
     (``global``).
@@ -79,6 +96,8 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
         fit: the ``FitFn`` handed to ``train_experience``.
         num_clients, rounds, partition, alpha, seed: the setting (see the module docstring).
         on_experience: called after each experience with ``(t, record)``.
+        dp: an :class:`~adaptsim.federated.fcl.dp.FCLPrivacy` for sample-level DP (``fit`` is then
+            replaced by its per-client DP fit on ``device``), or ``None``.
 
     Raises:
         ValueError: the strategy does not implement sharing.
@@ -86,6 +105,9 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
     server = make_strategy()
     check_sharing(server.name, server.config)
     clients = [make_strategy() for _ in range(num_clients)]
+    if dp is not None:  # the sharing contract: statistics are built from clipped features
+        for c in clients:
+            c.dp_feature_clip = dp.clip
     # Each client call starts from the torch RNG state a freshly built strategy sees, as a Flower
     # client rebuilt every round does: so lazily built parameters (MOS's first adapter set) start
     # equal on every client, and persisted clients reach exactly what rebuilt ones reach.
@@ -105,24 +127,29 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
         extra = ["statistics"] if getattr(server, "statistics_round", False) else []
         for r, kind in enumerate(["train"] * rounds + extra):
             states = []
-            for c, share in zip(clients, shares):
+            for k, (c, share) in enumerate(zip(clients, shares)):
                 if len(share.train) == 0:
                     continue
                 torch.set_rng_state(rng0)
                 if kind == "train":
-                    c.train_experience(share, fit)
+                    c.train_experience(share, fit if dp is None else dp.fit_for(k, t, r, device))
+                    if dp is not None and dp.skipped(k):
+                        continue  # DP budget spent: the client leaves the round
                 else:
                     c.collect_statistics(share)
-                states.append(c.shareable_state())
-            agg = server.aggregate_shared(states)
-            for c in [*clients, server]:
-                c.load_shared_state(agg)
+                state = c.shareable_state()
+                states.append(state if dp is None else dp.release(k, t, r, state, exp.classes))
+            if states:  # (under DP every client may have left the round: the global state stays)
+                agg = server.aggregate_shared(states)
+                for c in [*clients, server]:
+                    c.load_shared_state(agg)
             up = [s.nbytes() for s in states]
-            down = agg.nbytes()
+            down = agg.nbytes() if states else {}
             records.append({"experience": t, "round": r, "kind": kind, "clients": len(states),
                             "client_sizes": sizes,
                             "bytes_up": {k: int(sum(u[k] for u in up)) for k in ("arrays", "stats")},
-                            "bytes_down": {k: int(v) * len(clients) for k, v in down.items()}})
+                            "bytes_down": {k: int(v) * len(clients) for k, v in down.items()},
+                            **({"epsilon": dp.epsilons()} if dp is not None else {})})
         server.end_experience()
         for k, share in enumerate(shares):
             seen[k].update(int(c) for c in share.train.y.unique().tolist())
