@@ -88,6 +88,10 @@ class Phase:
         after_backward: called after ``loss.backward()``, before the step (gradient masks).
         after_step: called after each optimiser step (e.g. MOS's adapter merge).
         seed: seeds the batch order.
+        client_data: the phase trains on private data (default). ``False``: it trains only on
+            values derived from already released ones (MOS's classifier alignment on samples of
+            the released class statistics), so under DP (``fcl.dp``) it is post-processing and
+            runs as the plain :func:`fit`.
     """
 
     name: str
@@ -106,6 +110,7 @@ class Phase:
     after_backward: Callable[[], None] | None = None
     after_step: Callable[[], None] | None = None
     seed: int = 0
+    client_data: bool = True
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant"):

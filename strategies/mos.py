@@ -188,6 +188,8 @@ class MOS(MOSStatsMixin, Strategy):
     SUPPORTED_SCENARIOS = frozenset({"class_incremental", "multi_domain"})
     sharing = "current adapter set and head (FedAvg per round); exact class statistics (statistics round)"
     statistics_round = True
+    dp_releases = {"statistics": 5}  # class counts, sums, outer products; prototype counts, sums (DP)
+    dp_feature_clip: float | None = None  # set by the fcl loop under DP
 
     def __init__(self, config: MOSConfig, backbone, info, **kw) -> None:
         super().__init__(config, backbone, info, **kw)
@@ -353,7 +355,9 @@ class MOS(MOSStatsMixin, Strategy):
         t = self.layers[0].names.index(self._open)
         both = self._batches(exp.train.x, [0, t] if t else [0])  # (1 or 2, N, D)
         y, n = exp.train.y, self.info.n_classes
-        stats = {"class": class_stats(both[-1], y, n, outer=True), "proto": class_stats(both[0], y, n)}
+        clip = self.dp_feature_clip
+        stats = {"class": class_stats(both[-1], y, n, outer=True, clip=clip),
+                 "proto": class_stats(both[0], y, n, clip=clip)}
         self._pending = (stats, len(exp.train), self._open)
 
     def shareable_state(self) -> SharedState:

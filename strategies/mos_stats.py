@@ -108,7 +108,8 @@ class MOSStatsMixin(MOSRetrievalMixin):
             data, epochs, after_step = TensorDataset(xs, ys), 1, None
         return fit(Phase("mos_align", list(self.head.parameters()), loss_fn, data, epochs,
                          cfg.ca_lr, n, optimizer="sgd", weight_decay=cfg.weight_decay,
-                         schedule_unit=cfg.schedule_unit, after_step=after_step, seed=len(self.stored)))
+                         schedule_unit=cfg.schedule_unit, after_step=after_step, seed=len(self.stored),
+                         client_data=False))  # samples of released statistics: DP post-processing
 
 
 class EpochSamples(Dataset):

@@ -20,6 +20,9 @@ copy of the current classes' prototypes and the per-class sums and counts of its
 features. The server (:meth:`PILoRA.aggregate_shared`) runs the exact default aggregation, then
 replaces the prototypes by the re-weighted ones (:func:`~adaptsim.strategies.pilora_proto.reweight_prototypes`)
 and ships the whole model (old LoRAs, all prototypes) so a freshly built client reaches it.
+Under DP (``fcl.dp``) the LoRA and prototypes are trained by DP-SGD and the feature statistics
+come from one pass over the share after training (features clipped to ``dp_feature_clip``; each
+example counted once, not once per epoch), noised before upload (:mod:`adaptsim.federated.fcl.dp`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from adaptsim.strategies.base import BaseStrategyConfig, Strategy, register_stra
 from adaptsim.strategies.pilora_lora import (MERGE_MODES, IncrementalQVLoRA, inject_incremental_lora, l1_loss,
                                              layer_seed, lora_terms, orthogonality_loss)
 from adaptsim.strategies.pilora_proto import dce_loss, prototype_distance, reweight_prototypes
-from adaptsim.strategies.sharing import ClassStats, SharedState
+from adaptsim.strategies.sharing import ClassStats, SharedState, class_stats
 from adaptsim.strategies.sharing import aggregate_shared as exact_aggregate
 
 __all__ = ["PILoRAConfig", "PILoRA"]
@@ -133,6 +136,8 @@ class PILoRA(Strategy):
     """Incremental q/v LoRA per experience with a learnable prototype classifier."""
 
     sharing = "newest LoRA (FedAvg) + prototypes re-weighted on the server from client prototypes and feature means"
+    dp_releases = {"train": 2}  # feature counts, sums (sharing contract, DP)
+    dp_feature_clip: float | None = None  # set by the fcl loop under DP
 
     def __init__(self, config: PILoRAConfig, backbone, info, **kw) -> None:
         super().__init__(config, backbone, info, **kw)
@@ -183,6 +188,7 @@ class PILoRA(Strategy):
         counts = torch.zeros(C, dtype=torch.long)
         sums = torch.zeros(C, D, dtype=torch.float64)
         layers = self._layers()
+        dp = self.dp_feature_clip is not None
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             feats = self.backbone(x)
@@ -192,6 +198,8 @@ class PILoRA(Strategy):
                 loss = loss + cfg.l1_weight * l1_loss(layers)
             if cfg.ort_weight and len(self.lora_names) > 1:
                 loss = loss + cfg.ort_weight * orthogonality_loss(layers)
+            if dp:  # DP: the statistics come from one pass after training (below)
+                return loss
             with torch.no_grad():  # the client's class feature means (official: over every local epoch)
                 yc = y.cpu()
                 counts.add_(torch.bincount(yc, minlength=C))
@@ -207,15 +215,25 @@ class PILoRA(Strategy):
         try:
             stats = fit(Phase("pilora", groups, loss_fn, exp.train, cfg.epochs, cfg.lr * factor, cfg.batch_size,
                               optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, schedule="constant"))
+            if dp:
+                self._feat = self._feature_stats(exp)
         finally:
             self._use(cfg.merge)
         with torch.no_grad():
             self.protos.prototypes[cur_idx] = cur.detach()
         self.round += 1
         self._examples = len(exp.train)
-        self._feat = ClassStats(counts.numpy().astype(np.int64), sums.numpy())
+        if not dp:
+            self._feat = ClassStats(counts.numpy().astype(np.int64), sums.numpy())
         self.end_experience()
         return stats
+
+    @torch.no_grad()
+    def _feature_stats(self, exp: Experience) -> ClassStats:
+        """DP: class sums and counts of the share's features (one pass, clipped to ``dp_feature_clip``)."""
+        bs = 256
+        feats = torch.cat([self.backbone(exp.train.x[i : i + bs].to(self.device)) for i in range(0, len(exp.train), bs)])
+        return class_stats(feats, exp.train.y, self.info.n_classes, clip=self.dp_feature_clip)
 
     # -- prediction ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -252,7 +270,7 @@ class PILoRA(Strategy):
         if self.config.reweight:
             protos = np.stack([s.arrays["proto_current"] for s in states])
             means = np.stack([s.stats["features"].means()[classes] for s in states])
-            has = np.stack([s.stats["features"].counts[classes] > 0 for s in states])
+            has = np.stack([s.stats["features"].present()[classes] for s in states])
             cur = reweight_prototypes(protos, means, has, self.config.reweight_temperature)
         else:
             cur = agg.arrays["proto_current"]

@@ -44,6 +44,16 @@ both follow it):
   adapters; the server's ``aggregate_shared`` finishes the experience from them (MOS: class
   means/covariances, prototypes, classifier alignment) and ships the result in ``agg``.
 * Then the server's ``end_experience()`` is called and the server copy is evaluated.
+* **DP** (``fcl.dp``, :mod:`adaptsim.federated.fcl.dp`): the loop sets ``dp_feature_clip`` on
+  every client strategy; a strategy that shares :class:`ClassStats` must build them with
+  ``class_stats(..., clip=self.dp_feature_clip)`` from *one* pass over its share (each example
+  enters each kind at most once) and declare ``dp_releases = {round_kind: n}``, the number of
+  released arrays (counts, sums, outer products: one each per kind) in a round of that kind.
+  Before upload the loop noises them (:func:`gaussian_release`, on every row of the current
+  experience's classes) and counts them in the client's accountant. Noisy statistics have float
+  counts (possibly below 1 or negative) and non-PSD outer products; :class:`ClassStats` tolerates
+  them: means divide by ``max(count, 1)``, covariances are projected onto the PSD cone (plus a
+  ridge of 1e-5 times the top eigenvalue).
 """
 
 from __future__ import annotations
@@ -56,8 +66,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ClassStats", "SharedState", "aggregate_shared", "check_sharing", "class_stats", "sharing_strategies",
-           "flatten_state", "unflatten_state"]
+__all__ = ["ClassStats", "SharedState", "aggregate_shared", "check_sharing", "class_stats", "clip_features",
+           "gaussian_release", "sharing_strategies", "flatten_state", "unflatten_state"]
 
 
 @dataclass
@@ -65,7 +75,7 @@ class ClassStats:
     """Per-class sufficient statistics of features (float64).
 
     Attributes:
-        counts: (C,) int64 number of samples per class.
+        counts: (C,) int64 number of samples per class (float64 after :func:`gaussian_release`).
         sums: (C, D) float64 sum of features per class.
         outer: (C, D, D) float64 sum of ``f f^T`` per class, or ``None`` when not needed.
     """
@@ -80,9 +90,18 @@ class ClassStats:
         outer = None if self.outer is None else self.outer + other.outer
         return ClassStats(self.counts + other.counts, self.sums + other.sums, outer)
 
+    @property
+    def noisy(self) -> bool:
+        """Released through :func:`gaussian_release` (float counts; survives the wire format)."""
+        return self.counts.dtype.kind == "f"
+
     def classes(self) -> list[int]:
-        """Classes with at least one sample."""
+        """Classes with at least one sample (noisy statistics: every noised row, whatever its count)."""
         return [int(c) for c in np.flatnonzero(self.counts)]
+
+    def present(self) -> np.ndarray:
+        """(C,) bool: the class holds samples (noisy statistics: a noisy count of at least 1/2)."""
+        return self.counts >= 0.5
 
     def means(self) -> np.ndarray:
         """(C, D) float64 class means (rows of empty classes are 0)."""
@@ -95,16 +114,34 @@ class ClassStats:
             raise ValueError("these ClassStats hold no outer products")
         mu = self.means()
         n = self.counts.astype(np.float64)[:, None, None]
+        if self.noisy:  # a noisy count below 1 counts as 1 (as in means())
+            n = np.maximum(n, 1.0)
         cov = self.outer - n * np.einsum("cd,ce->cde", mu, mu)
-        return np.where(n > 1, cov / np.maximum(n - 1, 1), 0.0)
+        cov = np.where(n > 1, cov / np.maximum(n - 1, 1), 0.0)
+        if self.noisy:  # noise breaks positive semi-definiteness: project onto the PSD cone, with a
+            for c in self.classes():  # ridge of 1e-5 x the top eigenvalue (stays PD in float32)
+                w, v = np.linalg.eigh(0.5 * (cov[c] + cov[c].T))
+                w = np.maximum(w, 1e-5 * max(float(w.max()), 0.0))
+                cov[c] = (v * w) @ v.T
+        return cov
 
     def nbytes(self) -> int:
         return int(self.counts.nbytes + self.sums.nbytes + (0 if self.outer is None else self.outer.nbytes))
 
 
-def class_stats(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, *, outer: bool = False) -> ClassStats:
-    """:class:`ClassStats` of ``feats`` (N, D) with integer ``labels`` (N,), in float64."""
-    f = feats.detach().to("cpu", torch.float64)
+def clip_features(f: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """Rows of ``f`` (N, D) scaled to L2 norm at most ``clip`` (``None``: unchanged)."""
+    if clip is None:
+        return f
+    norms = f.norm(dim=1, keepdim=True)
+    return f * torch.clamp(clip / torch.clamp(norms, min=torch.finfo(f.dtype).tiny), max=1.0)
+
+
+def class_stats(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, *, outer: bool = False,
+                clip: float | None = None) -> ClassStats:
+    """:class:`ClassStats` of ``feats`` (N, D) with integer ``labels`` (N,), in float64; with
+    ``clip`` every feature is first clipped to L2 norm ``clip`` (DP: bounds the sensitivity)."""
+    f = clip_features(feats.detach().to("cpu", torch.float64), clip)
     y = labels.detach().to("cpu", torch.long)
     counts = torch.bincount(y, minlength=n_classes)
     sums = torch.zeros(n_classes, f.shape[1], dtype=torch.float64).index_add_(0, y, f)
@@ -115,6 +152,44 @@ def class_stats(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, *, ou
             fc = f[y == c]
             out[c] = fc.T @ fc
     return ClassStats(counts.numpy().astype(np.int64), sums.numpy(), None if out is None else out.numpy())
+
+
+def gaussian_release(stats: ClassStats, rows, *, clip: float, noise_multiplier: float,
+                     generator: torch.Generator | None = None) -> ClassStats:
+    """The Gaussian mechanism on ``stats`` (built from features clipped to ``clip``).
+
+    One example changes one row: its count by 1, its sum by at most ``clip`` (L2), its outer
+    product by at most ``clip**2`` (Frobenius; ``||f f^T||_F = ||f||^2``). Each part gets
+    ``N(0, (noise_multiplier * sensitivity)^2)`` on every entry of every row in ``rows`` (the
+    current experience's classes, whether or not the client holds data of them); the outer
+    products on the upper triangle, mirrored (the triangle's sensitivity is at most that of the
+    full matrix). Each part is one Gaussian mechanism of the accountant.
+
+    Raises:
+        ValueError: a row outside ``rows`` holds data (its sensitivity would not be covered).
+    """
+    rows = sorted(int(c) for c in rows)
+    others = np.ones(len(stats.counts), bool)
+    others[rows] = False
+    if np.any(stats.counts[others] != 0):
+        raise ValueError(f"statistics hold rows outside the experience's classes {rows}")
+    C = len(rows)
+
+    def noise(*shape: int) -> np.ndarray:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).numpy()
+
+    counts = stats.counts.astype(np.float64)
+    counts[rows] += noise(C) * noise_multiplier
+    sums = stats.sums.astype(np.float64)
+    sums[rows] += noise(C, sums.shape[1]) * noise_multiplier * clip
+    outer = None
+    if stats.outer is not None:
+        D = stats.outer.shape[1]
+        z = np.triu(noise(C, D, D)) * noise_multiplier * clip**2
+        z = z + np.transpose(np.triu(z, 1), (0, 2, 1))
+        outer = stats.outer.astype(np.float64)
+        outer[rows] += z
+    return ClassStats(counts, sums, outer)
 
 
 @dataclass

@@ -7,7 +7,9 @@ the classifier is the mean of its training features (computed in float64 from pe
 counts, then stored in float32).
 
 Federated: a client shares the sums and counts of the current experience's classes; the server
-adds them up, so the federated prototypes are the pooled-data prototypes exactly.
+adds them up, so the federated prototypes are the pooled-data prototypes exactly. Under DP
+(``fcl.dp``) the features are clipped to ``dp_feature_clip`` and the sums and counts noised
+before upload (:mod:`adaptsim.federated.fcl.dp`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class SimpleCIL(Strategy):
     """Prototype (class-mean) cosine classifier on frozen features."""
 
     sharing = "prototype statistics (per-class sums and counts)"
+    dp_releases = {"train": 2}  # counts, sums (sharing contract, DP)
+    dp_feature_clip: float | None = None  # set by the fcl loop under DP
 
     def __init__(self, config, backbone, info, **kw) -> None:
         super().__init__(config, backbone, info, **kw)
@@ -41,7 +45,8 @@ class SimpleCIL(Strategy):
 
     def train_experience(self, exp: Experience, fit: FitFn) -> dict[str, float]:
         self.begin_experience(exp)
-        self._last_stats = class_stats(features_of(self, exp.train), exp.train.y, self.info.n_classes)
+        self._last_stats = class_stats(features_of(self, exp.train), exp.train.y, self.info.n_classes,
+                                       clip=self.dp_feature_clip)
         self.set_prototypes_from(self._last_stats)
         self.end_experience()
         return {}

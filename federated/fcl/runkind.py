@@ -35,6 +35,8 @@ def fcl_summary(m: Mapping[str, Any]) -> dict[str, float]:
     if vals:  # the global model on each client's seen classes, after the last experience
         out["client_acc_mean"] = float(np.mean(vals))
         out["client_acc_min"] = float(np.min(vals))
+    if isinstance((m.get("dp") or {}).get("max_epsilon"), (int, float)):
+        out["max_epsilon"] = float(m["dp"]["max_epsilon"])
     ref = m.get("centralised") or {}
     if isinstance(ref.get("A_last"), (int, float)) and "A_last" in out:
         out["centralised_A_last"] = float(ref["A_last"])
@@ -74,6 +76,26 @@ def _make_strategy_factory(cfg, stream, device):
     return make
 
 
+def _privacy(cfg, stream, device):
+    """The run's :class:`~adaptsim.federated.fcl.dp.FCLPrivacy` (``fcl.dp`` enabled)."""
+    from adaptsim.cl.config import ConfigError
+    from adaptsim.federated.fcl.dp import FCLPrivacy
+    from adaptsim.strategies import get_strategy
+
+    f = cfg.fcl
+    n = sum(len(e.train) for e in stream)  # an upper bound of every client's examples
+    if not f.dp.delta * n < 1:
+        raise ConfigError(f"fcl.dp.delta={f.dp.delta:g} must be < 1/n for the stream's n={n} training examples "
+                          f"(a client may hold them all); lower fcl.dp.delta")
+    cls = get_strategy(cfg.strategy.name)[1]
+    declared = getattr(cls, "dp_releases", None) or {}
+    per_exp = f.rounds * declared.get("train", 0) + (declared.get("statistics", 0)
+                                                      if getattr(cls, "statistics_round", False) else 0)
+    return FCLPrivacy(f.dp, num_clients=f.num_clients, experiences=len(stream), rounds=f.rounds, releases=per_exp,
+                      feature_clip=f.dp_feature_clip, stats_fraction=f.dp_stats_fraction,
+                      seed=cfg.run.seed * 1000 + f.partition_seed, device=device)
+
+
 def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None, prepared: Any = None):
     """Runs ``cfg`` into the run folder ``rd`` and writes its outputs (not resumable yet)."""
     import torch
@@ -84,6 +106,7 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
     from adaptsim.cl.train import fit, seed_everything
     from adaptsim.federated.fcl.flower import run_fcl_flower
     from adaptsim.federated.fcl.loop import run_fcl
+    from adaptsim.federated.privacy import privacy_label
 
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
@@ -92,10 +115,11 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
     make = _make_strategy_factory(cfg, stream, device)
     f = cfg.fcl
     t0 = time.perf_counter()
+    dp = _privacy(cfg, stream, device) if f.dp.enabled else None
     if f.engine == "inprocess":
         out = run_fcl(stream, make, lambda phase: fit(phase, device=device), num_clients=f.num_clients,
                       rounds=f.rounds, partition=f.partition, alpha=f.dirichlet_alpha, seed=f.partition_seed,
-                      eval_batch_size=cfg.train.eval_batch_size)
+                      eval_batch_size=cfg.train.eval_batch_size, dp=dp, device=device)
     else:
         out = run_fcl_flower(cfg, stream, rd.path)
     wall = time.perf_counter() - t0
@@ -105,13 +129,16 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
     metrics: dict[str, Any] = {
         "config_hash": cfg.config_hash(), "scenario": stream.kind, "strategy": cfg.strategy.name,
         "setting": {"num_clients": f.num_clients, "rounds": f.rounds, "partition": f.partition,
-                    "dirichlet_alpha": f.dirichlet_alpha, "engine": f.engine},
+                    "dirichlet_alpha": f.dirichlet_alpha, "engine": f.engine,
+                    "privacy": privacy_label(f.dp)},
         "experiences": [e.name for e in stream], "R": R.tolist(), "test_sizes": n,
         **summarize(np.nan_to_num(R), n, None, multi_domain=multi),
         "bytes_up": int(sum(sum(r["bytes_up"].values()) for r in out["rounds"])),
         "bytes_down": int(sum(sum(r["bytes_down"].values()) for r in out["rounds"])),
         "wall_seconds_this_process": wall,
     }
+    if dp is not None:  # per client, over all experiences and rounds (fcl_rounds.json: per round)
+        metrics["dp"] = dp.summary()
     if out.get("client_accuracy"):  # in-process engine: per experience, per client
         metrics["client_accuracy"] = out["client_accuracy"]
     if f.centralised:
