@@ -126,10 +126,11 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
         t0 = time.perf_counter()
         extra = ["statistics"] if getattr(server, "statistics_round", False) else []
         for r, kind in enumerate(["train"] * rounds + extra):
-            states = []
+            states, secs = [], []
             for k, (c, share) in enumerate(zip(clients, shares)):
                 if len(share.train) == 0:
                     continue
+                tc = time.perf_counter()
                 torch.set_rng_state(rng0)
                 if kind == "train":
                     c.train_experience(share, fit if dp is None else dp.fit_for(k, t, r, device))
@@ -139,14 +140,17 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
                     c.collect_statistics(share)
                 state = c.shareable_state()
                 states.append(state if dp is None else dp.release(k, t, r, state, exp.classes))
+                secs.append(time.perf_counter() - tc)
+            ts = time.perf_counter()
             if states:  # (under DP every client may have left the round: the global state stays)
                 agg = server.aggregate_shared(states)
                 for c in [*clients, server]:
                     c.load_shared_state(agg)
             up = [s.nbytes() for s in states]
             down = agg.nbytes() if states else {}
+            server_s = time.perf_counter() - ts
             records.append({"experience": t, "round": r, "kind": kind, "clients": len(states),
-                            "client_sizes": sizes,
+                            "client_sizes": sizes, "client_seconds": secs, "server_seconds": server_s,
                             "bytes_up": {k: int(sum(u[k] for u in up)) for k in ("arrays", "stats")},
                             "bytes_down": {k: int(v) * len(clients) for k, v in down.items()},
                             **({"epsilon": dp.epsilons()} if dp is not None else {})})
