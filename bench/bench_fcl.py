@@ -84,6 +84,7 @@ def bench_method(cfg) -> dict:
     return {"strategy": cfg.strategy.name, "experiences": T, "num_clients": f.num_clients,
             "fed_seconds_per_experience": fed_s,
             "fed_fit_seconds_per_experience": sum(r["fit_seconds"] for r in per_exp) / T,
+            "server_seconds_per_experience": sum(r.get("server_seconds", 0.0) for r in rounds) / T,
             "central_seconds_per_experience": cen_s, "ratio_fed_over_central": fed_s / cen_s,
             "bytes_up_per_experience": sum(sum(r["bytes_up"].values()) for r in rounds) / T,
             "bytes_down_per_experience": sum(sum(r["bytes_down"].values()) for r in rounds) / T,
@@ -102,12 +103,13 @@ def main() -> None:
 
     grid = {row["strategy.name"]: row for row in read_yaml(args.study)["study"]["grid"]["strategy"]}
     rows = []
-    print(f"{'strategy':<10s} {'fed s/exp':>10s} {'in fit':>8s} {'central s/exp':>14s} {'fed/central':>12s} "
+    print(f"{'strategy':<10s} {'fed s/exp':>10s} {'in fit':>8s} {'server':>7s} {'central s/exp':>14s} {'fed/central':>12s} "
           f"{'MB up/exp':>10s} {'MB down/exp':>12s}")
     for name in args.methods:
         r = bench_method(_config(args.study, grid[name], args.alpha, args.threads))
         rows.append(r)
         print(f"{name:<10s} {r['fed_seconds_per_experience']:10.2f} {r['fed_fit_seconds_per_experience']:8.2f} "
+              f"{r['server_seconds_per_experience']:7.2f} "
               f"{r['central_seconds_per_experience']:14.2f} {r['ratio_fed_over_central']:12.2f} "
               f"{r['bytes_up_per_experience'] / 1e6:10.2f} {r['bytes_down_per_experience'] / 1e6:12.2f}", flush=True)
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
