@@ -78,9 +78,9 @@ def test_clipping_bounds_each_examples_contribution():
 
 
 def test_noise_is_secret_by_default_and_reproducible_on_request():
-    def run(dp, seed=3):
+    def run(dp, seed=3):  # q = 1: every example in every step, so only the noise can differ
         m = _model()
-        dp_fit(_phase(m, n=16, batch_size=4)[0], noise_multiplier=1.0, max_grad_norm=1.0,
+        dp_fit(_phase(m, n=16, batch_size=16)[0], noise_multiplier=1.0, max_grad_norm=1.0,
                generators=dp_generators(dp, seed))
         return torch.cat([p.detach().flatten() for p in m.parameters()])
 
@@ -100,6 +100,8 @@ def test_accountant_spans_experiences_ends_at_the_target_and_skips_past_it():
     eps = priv.epsilons()[0]
     assert 0.99 * DP.epsilon <= eps <= DP.epsilon * (1 + 1e-9)
     assert len(priv.clients[0].history) == 6
+    sigmas = [priv.clients[0].sigma[t][0] for t in range(3)]  # planned over all experiences: equal
+    assert sigmas == pytest.approx([sigmas[0]] * 3, rel=1e-2) and 0.3 < sigmas[0] < 10
     out = priv.fit_for(0, 2, 2)(_phase(m, n=20, batch_size=5)[0])  # one round more than planned
     assert priv.skipped(0) and out["steps"] == 0 and priv.epsilons()[0] == eps
 

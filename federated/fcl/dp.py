@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -96,8 +97,9 @@ def dp_fit(phase: Phase, *, noise_multiplier: float, max_grad_norm: float, gener
     q = 1.0 / steps_per_epoch
     sampler_gen, noise_gen = generators
     inner = _optimizer(phase)
+    # the mean over the expected Poisson batch, as Opacus' make_private sets it (int(n * q) <= batch_size)
     opt = DPOptimizer(inner, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                      expected_batch_size=phase.batch_size, generator=noise_gen)
+                      expected_batch_size=max(1, int(n * q)), generator=noise_gen)
     params = list(opt.params)
     sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=sampler_gen,
                                             steps=steps_per_epoch)
@@ -188,7 +190,9 @@ def _solve(history: tuple, future: tuple, delta: float, accountant: str, target:
 
     def eps(sigma: float) -> float:
         sigma = float(f"{sigma:.6g}")  # a short float: the cached per-step RDP is reused
-        return spent([*history, *[e if len(e) == 3 else (sigma, e[0], e[1]) for e in future]], acc)
+        with warnings.catch_warnings():  # extreme trial sigmas sit at the ends of Opacus' orders
+            warnings.simplefilter("ignore", UserWarning)
+            return spent([*history, *[e if len(e) == 3 else (sigma, e[0], e[1]) for e in future]], acc)
 
     if eps(SIGMA_MAX) > target:
         return None

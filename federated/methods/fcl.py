@@ -121,7 +121,8 @@ class FCL(FedMethod):
             raise ConfigError("federated.fcl is empty: method fcl is run by the fcl run kind "
                               "(kind: fcl, with fcl.engine: simulation or deployment)")
         if cfg.federated.dp.enabled:
-            raise ConfigError("federated.dp: DP is not supported for method fcl yet")
+            raise ConfigError("federated.dp: DP for method fcl runs in-process only for now "
+                              "(kind: fcl with fcl.engine: inprocess and fcl.dp; docs/federated.md)")
 
     def system(self) -> _System:
         return fcl_system(self.cfg.federated.fcl)
