@@ -198,3 +198,42 @@ def test_bad_dp_config_is_one_error_line(tmp_path, capsys, bad, msg):
     assert _run(tmp_path, "bad", *bad) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name, cfg", [
+    ("mos", dict(epochs=1, batch_size=16, lr=0.05, crct_epochs=1, ca_samples_per_class=8, merge_mode="paper",
+                 adapter_dropout=0.0)),
+    ("pilora", dict(epochs=2, batch_size=16, lr=0.1))])
+def test_dp_mos_and_pilora_release_counted_statistics(digits_stream, tiny_backbone, name, cfg, monkeypatch):
+    import dataclasses
+    import importlib
+
+    from adaptsim.federated.fcl.loop import run_fcl
+    from adaptsim.strategies import StreamInfo, get_strategy
+
+    def small(e):
+        return dataclasses.replace(e, train=e.train.subset(torch.arange(40)), test=e.test.subset(torch.arange(30)))
+
+    stream = dataclasses.replace(digits_stream, experiences=tuple(small(e) for e in digits_stream.experiences[:2]))
+    cfg_cls, cls = get_strategy(name)
+    info = StreamInfo(stream.kind, stream.n_classes, stream.class_names, len(stream))
+
+    def make():
+        torch.manual_seed(0)
+        return cls(cfg_cls(**cfg), copy.deepcopy(tiny_backbone), info)
+
+    module, clips = importlib.import_module(f"adaptsim.strategies.{name}"), []
+    real = module.class_stats
+    monkeypatch.setattr(module, "class_stats", lambda *a, **kw: clips.append(kw.get("clip")) or real(*a, **kw))
+    per_exp = sum(cls.dp_releases.values())
+    priv = FCLPrivacy(DP, num_clients=2, experiences=2, rounds=1, releases=per_exp, feature_clip=2.0,
+                      stats_fraction=0.5)
+    out = run_fcl(stream, make, fit, num_clients=2, rounds=1, dp=priv)
+    assert all(0.97 * DP.epsilon <= e <= DP.epsilon * (1 + 1e-9) for e in priv.epsilons())
+    assert all(c.released == 2 * per_exp for c in priv.clients)  # every declared release was made and counted
+    assert all(c.dp_feature_clip == 2.0 for c in out["clients"]) and np.isfinite(out["R"][-1][0])
+    assert clips and set(clips) == {2.0}  # every released statistic was built from clipped features
+    if name == "mos":
+        assert out["server"].federated_stats.noisy
+    else:  # one pass over each share after training, not one per epoch of Poisson batches
+        assert sum(int(c._feat.counts.sum()) for c in out["clients"]) == 40
