@@ -8,7 +8,10 @@ bytes up and down by kind, per round), ``client_accuracy.csv`` (after each exper
 model's accuracy on each client's seen classes; in-process engine) and, with ``fcl.centralised``, the centralised reference.
 ``fcl.engine`` picks the in-process loop or Flower (:mod:`adaptsim.federated.fcl.flower`: the
 simulation engine or real SuperLink/SuperNode processes, which also leave Flower's
-``flower_rounds.json``, ``checkpoints/`` and ``flower/`` logs in the run folder).
+``flower_rounds.json``, ``checkpoints/`` and ``flower/`` logs in the run folder). With ``fcl.dp``
+(in-process engine, :mod:`adaptsim.federated.fcl.dp`) ``metrics.json`` holds ``dp`` (epsilon per
+client, noise multipliers, what is not covered) and every round of ``fcl_rounds.json`` the
+clients' epsilon so far.
 """
 
 from __future__ import annotations
