@@ -323,6 +323,22 @@ class FCLPrivacy:
         c.released += parts
         return SharedState(state.arrays, state.weight, stats, state.meta)
 
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The accountants (histories, planned noise multipliers, releases so far) and the statistics'
+        noise multiplier: what a resumed run needs to spend exactly what an uninterrupted one does.
+        No seed or generator state is written (with secret noise a resumed run draws fresh noise)."""
+        return {"stats_sigma": self.stats_sigma,
+                "clients": [{"history": [tuple(h) for h in c.history], "sigma": dict(c.sigma),
+                             "released": c.released} for c in self.clients]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["clients"]) != len(self.clients):
+            raise ValueError(f"fcl.dp checkpoint has {len(state['clients'])} clients, the run {len(self.clients)}")
+        self.stats_sigma = state["stats_sigma"]
+        self.clients = [_Client([tuple(h) for h in c["history"]], {int(t): tuple(v) for t, v in c["sigma"].items()},
+                                int(c["released"])) for c in state["clients"]]
+
     # -- reporting --------------------------------------------------------------------------------
     def epsilons(self) -> list[float]:
         """Epsilon spent so far, per client (at ``dp.delta``)."""

@@ -17,6 +17,14 @@ DP (``dp``, a :class:`~adaptsim.federated.fcl.dp.FCLPrivacy`): every client trai
 fit of its round, its statistics are noised before upload, a client whose budget is spent leaves
 the round; each round record carries every client's epsilon so far.
 
+Checkpoints (``checkpoint``): after each experience the loop hands over :func:`loop_state`:
+every client's and the server's ``state_dict()``, the last aggregate, ``R``, the per-client
+accuracy, the round records, the per-client seen classes, the RNG states (``rng0``, which every
+client call restarts from, and the global torch/numpy/python states that the server's
+``end_experience`` and the evaluation continue from) and the DP accountants
+(:meth:`~adaptsim.federated.fcl.dp.FCLPrivacy.state_dict`). ``resume=`` that state continues
+from the next experience and ends where an uninterrupted run ends.
+
 Supported: all clients join at the start and see every experience in step; a client whose share
 of an experience is empty skips training that round (its weight is 0). Late joiners and clients
 out of step are not supported yet.
@@ -38,7 +46,7 @@ from adaptsim.cl.scenarios import Experience, Stream
 from adaptsim.federated.partition import partition_indices
 from adaptsim.strategies.sharing import check_sharing
 
-__all__ = ["split_experience", "client_accuracy", "run_fcl"]
+__all__ = ["split_experience", "client_accuracy", "run_fcl", "loop_state"]
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +89,48 @@ def client_accuracy(preds: list[torch.Tensor], labels: list[torch.Tensor],
     return out
 
 
+def _rng_states() -> dict[str, Any]:
+    import random
+
+    st = np.random.get_state()
+    out = {"torch": torch.get_rng_state(), "numpy": (st[0], torch.from_numpy(st[1].copy()), *st[2:]),
+           "python": random.getstate()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_states(st: dict[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(st["torch"].cpu())  # (checkpoints may be loaded onto the run's device)
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].cpu().numpy(), *n[2:]))
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
+
+
+def _global_to_tensors(agg) -> dict[str, torch.Tensor] | None:
+    return None if agg is None else {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in agg.to_arrays().items()}
+
+
+def loop_state(server, clients, agg, R, per_client, records, seen, rng0, dp) -> dict[str, Any]:
+    """What :func:`run_fcl` needs to continue after an experience (``torch.load(weights_only=True)``-able).
+
+    Under DP only the accountants travel, never the noise seeds (with ``dp.reproducible`` the
+    generators are derived from the run seed, experience, round and client anyway)."""
+    return {"server": server.state_dict(), "clients": [c.state_dict() for c in clients],
+            "global": _global_to_tensors(agg), "R": R, "client_accuracy": per_client, "rounds": records,
+            "seen": [sorted(s) for s in seen], "rng0": rng0, "rng": _rng_states(),
+            "dp": dp.state_dict() if dp is not None else None}
+
+
 def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, num_clients: int,
             rounds: int = 1, partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
             eval_batch_size: int = 256, on_experience: Callable[[int, dict], None] | None = None,
-            dp: Any = None, device: Any = "cpu") -> dict[str, Any]:
+            dp: Any = None, device: Any = "cpu", checkpoint: Callable[[int, dict], None] | None = None,
+            resume: dict[str, Any] | None = None, stop_after: int | None = None) -> dict[str, Any] | None:
     """Runs the stream federated; returns the accuracy matrix, the per-client accuracy after each
     experience, per-round records, the server and client strategies and the last aggregate
     (``global``).
@@ -98,6 +144,9 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
         on_experience: called after each experience with ``(t, record)``.
         dp: an :class:`~adaptsim.federated.fcl.dp.FCLPrivacy` for sample-level DP (``fit`` is then
             replaced by its per-client DP fit on ``device``), or ``None``.
+        checkpoint: called after each experience with ``(t, loop_state(...))``.
+        resume: a state ``checkpoint`` got: the run continues after its experience.
+        stop_after: stop (return ``None``) before experience ``stop_after`` (a killed run).
 
     Raises:
         ValueError: the strategy does not implement sharing.
@@ -119,7 +168,32 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
     records: list[dict[str, Any]] = []
     seen: list[set[int]] = [set() for _ in clients]  # classes each client has trained on so far
     per_client: list[list[float]] = []  # per experience, per client (client_accuracy)
+    start = 0
+    if resume is not None:
+        from adaptsim.strategies.sharing import SharedState
+
+        server.load_state_dict(resume["server"])
+        for c, st in zip(clients, resume["clients"], strict=True):
+            c.load_state_dict(st)
+        if resume["global"] is not None:
+            agg = SharedState.from_arrays({k: v.cpu().numpy() for k, v in resume["global"].items()})
+        R, per_client, records = list(resume["R"]), list(resume["client_accuracy"]), list(resume["rounds"])
+        seen = [set(s) for s in resume["seen"]]
+        if dp is not None:
+            dp.load_state_dict(resume["dp"])
+        start = len(R)
+        past = list(stream.experiences[:start])
+        server.on_resume(past)
+        for k, c in enumerate(clients):
+            c.on_resume([split_experience(e, num_clients, partition, alpha=alpha, seed=seed * 1000 + t)[k]
+                         for t, e in enumerate(past)])
+        rng0 = resume["rng0"].cpu()
+        _set_rng_states(resume["rng"])
     for t, exp in enumerate(stream.experiences):
+        if t < start:
+            continue
+        if stop_after is not None and t >= stop_after:
+            return None
         shares = split_experience(exp, num_clients, partition, alpha=alpha, seed=seed * 1000 + t)
         sizes = [len(s.train) for s in shares]
         server.begin_experience(exp)
@@ -165,6 +239,8 @@ def run_fcl(stream: Stream, make_strategy: Callable[[], Any], fit: Callable, *, 
         rec = {"experience": t, "accuracy": row, "client_accuracy": per_client[-1],
                "seconds": time.perf_counter() - t0}
         log.info("fcl after experience %d: %s", t, " ".join(f"{a:.3f}" for a in row))
+        if checkpoint is not None:
+            checkpoint(t, loop_state(server, clients, agg, R, per_client, records, seen, rng0, dp))
         if on_experience is not None:
             on_experience(t, rec)
     return {"R": R, "client_accuracy": per_client, "rounds": records, "server": server, "clients": clients,

@@ -12,6 +12,13 @@ simulation engine or real SuperLink/SuperNode processes, which also leave Flower
 (in-process engine, :mod:`adaptsim.federated.fcl.dp`) ``metrics.json`` holds ``dp`` (epsilon per
 client, noise multipliers, what is not covered) and every round of ``fcl_rounds.json`` the
 clients' epsilon so far.
+
+Checkpoints (in-process engine, ``run.checkpoint``): ``checkpoints/fcl_exp<t>.pt`` after each
+federated experience (:func:`adaptsim.federated.fcl.loop.loop_state`) and
+``checkpoints/central_exp<t>.pt`` after each experience of the centralised reference;
+``adaptsim run --resume RUN_DIR`` continues from the last of each and ends with the metrics of an
+uninterrupted run (under DP with secret noise: the same epsilons, fresh noise). The Flower engines
+refuse ``--resume``.
 """
 
 from __future__ import annotations
@@ -100,7 +107,8 @@ def _privacy(cfg, stream, device):
 
 
 def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None, prepared: Any = None):
-    """Runs ``cfg`` into the run folder ``rd`` and writes its outputs (not resumable yet)."""
+    """Runs ``cfg`` into the run folder ``rd`` and writes its outputs; ``resume`` continues from the
+    folder's checkpoints, ``stop_after`` stops (returns ``None``) after that many experiences."""
     import torch
 
     from adaptsim.cl.evaluate import evaluate_stream
@@ -117,12 +125,24 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
     stream = prepared if prepared is not None else prepare(cfg)
     make = _make_strategy_factory(cfg, stream, device)
     f = cfg.fcl
+    if resume and f.engine != "inprocess":
+        from adaptsim.cl.config import ConfigError
+
+        raise ConfigError(f"fcl.engine={f.engine}: runs cannot be resumed (only fcl.engine=inprocess "
+                          "checkpoints every experience); start it again")
     t0 = time.perf_counter()
     dp = _privacy(cfg, stream, device) if f.dp.enabled else None
     if f.engine == "inprocess":
+        last = rd.latest_checkpoint("fcl_exp") if resume else None
         out = run_fcl(stream, make, lambda phase: fit(phase, device=device), num_clients=f.num_clients,
                       rounds=f.rounds, partition=f.partition, alpha=f.dirichlet_alpha, seed=f.partition_seed,
-                      eval_batch_size=cfg.train.eval_batch_size, dp=dp, device=device)
+                      eval_batch_size=cfg.train.eval_batch_size, dp=dp, device=device,
+                      checkpoint=(lambda t, st: rd.save_checkpoint(f"fcl_exp{t}.pt", st)) if cfg.run.checkpoint
+                      else None,
+                      resume=rd.load_checkpoint(last[1], map_location=device) if last else None,
+                      stop_after=stop_after)
+        if out is None:
+            return None
     else:
         out = run_fcl_flower(cfg, stream, rd.path)
     wall = time.perf_counter() - t0
@@ -144,15 +164,24 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
         metrics["dp"] = dp.summary()
     if out.get("client_accuracy"):  # in-process engine: per experience, per client
         metrics["client_accuracy"] = out["client_accuracy"]
-    if f.centralised:
+    if f.centralised:  # re-seeded every experience, as continual runs: resumes from its own checkpoints
         central = make()
         Rc = []
         evals = [e.eval_view() for e in stream.experiences]
+        if resume and (cp := rd.latest_checkpoint("central_exp")) is not None:
+            ck = rd.load_checkpoint(cp[1], map_location=device)
+            central.load_state_dict(ck["strategy"])
+            central.on_resume(list(stream.experiences[: cp[0] + 1]))
+            Rc = list(ck["R"])
         for t, exp in enumerate(stream.experiences):
+            if t < len(Rc):
+                continue
             seed_everything(cfg.run.seed * 1000 + t)
             central.train_experience(exp, lambda phase: fit(phase, device=device))
             row = evaluate_stream(central, evals[: t + 1], cfg.train.eval_batch_size)
             Rc.append(row + [float("nan")] * (len(stream) - len(row)))
+            if cfg.run.checkpoint:
+                rd.save_checkpoint(f"central_exp{t}.pt", {"strategy": central.state_dict(), "R": Rc})
         Rc = np.array(Rc, dtype=float)
         metrics["centralised"] = {"R": Rc.tolist(), **summarize(np.nan_to_num(Rc), n, None, multi_domain=multi)}
     rd.write_json("fcl_rounds.json", out["rounds"])
@@ -180,4 +209,4 @@ def register() -> None:
         matches=lambda raw: "fcl" in raw and "strategy" in raw,  # continual matches too: YAMLs say kind: fcl
         label=lambda cfg: f"fcl-{cfg.strategy.name}",
         summary=fcl_summary, threads_key="train.num_threads", seed_keys=("fcl.partition_seed",),
-        resumable=False))
+        resumable=True))  # in-process engine; the Flower engines refuse --resume (run_fcl_kind)
