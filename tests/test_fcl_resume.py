@@ -72,6 +72,7 @@ def test_trained_parameters_after_resume_equal_the_uninterrupted_ones(tmp_path):
     from adaptsim.cl import engine
 
     engine.resume_run(part.run_dir)
+    assert sorted(p.name for p in (part.run_dir / "checkpoints").iterdir()) == ["fcl_exp2.pt"]  # only the last kept
     load = lambda rd: torch.load(rd / "checkpoints" / "fcl_exp2.pt", weights_only=True)  # noqa: E731
     a, b = load(full.run_dir), load(part.run_dir)
     for sa, sb in zip([a["server"], *a["clients"]], [b["server"], *b["clients"]]):
@@ -89,3 +90,30 @@ def test_flower_engines_refuse_resume(tmp_path):
     rd = RunDir.create(cfg.run.out_dir, "flwr", cfg.to_raw(), kind.name)
     with pytest.raises(ConfigError, match=r"fcl.engine=simulation: runs cannot be resumed"):
         engine.resume_run(rd.path)
+
+
+def test_a_run_killed_in_its_centralised_reference_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import adaptsim.cl.evaluate as ev
+    from adaptsim.cl import engine
+
+    full = _run(tmp_path, "full")
+    real, calls = ev.evaluate_stream, []
+
+    def dies_on_the_second(*a, **k):  # the centralised reference's evaluation after its experience 1
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "evaluate_stream", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "killed")
+    monkeypatch.setattr(ev, "evaluate_stream", real)
+    ck = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["central_exp0.pt", "fcl_exp2.pt"]
+    trained = []
+    monkeypatch.setattr(ev, "evaluate_stream", lambda *a, **k: trained.append(1) or real(*a, **k))
+    resumed = engine.resume_run(tmp_path / "killed")
+    assert len(trained) == 2  # experiences 1 and 2 of the reference only
+    np.testing.assert_equal(resumed.metrics["centralised"]["R"], full.metrics["centralised"]["R"])
+    np.testing.assert_equal(resumed.metrics["R"], full.metrics["R"])

@@ -15,7 +15,8 @@ clients' epsilon so far.
 
 Checkpoints (in-process engine, ``run.checkpoint``): ``checkpoints/fcl_exp<t>.pt`` after each
 federated experience (:func:`adaptsim.federated.fcl.loop.loop_state`) and
-``checkpoints/central_exp<t>.pt`` after each experience of the centralised reference;
+``checkpoints/central_exp<t>.pt`` after each experience of the centralised reference, only the
+last of each kept;
 ``adaptsim run --resume RUN_DIR`` continues from the last of each and ends with the metrics of an
 uninterrupted run (under DP with secret noise: the same epsilons, fresh noise). The Flower engines
 refuse ``--resume``.
@@ -106,6 +107,16 @@ def _privacy(cfg, stream, device):
                       seed=cfg.run.seed * 1000 + f.partition_seed, device=device)
 
 
+def _save_latest(rd, prefix: str, t: int, state) -> None:
+    """Writes ``checkpoints/<prefix><t>.pt`` (atomically), then removes the earlier ones: a checkpoint
+    holds every client's strategy (with LoRA, the frozen base layers too), so only the last is kept."""
+    rd.save_checkpoint(f"{prefix}{t}.pt", state)
+    for p in rd.checkpoint_dir.glob(f"{prefix}*.pt"):
+        idx = p.name[len(prefix):-3]
+        if idx.isdigit() and int(idx) < t:
+            p.unlink()
+
+
 def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None, prepared: Any = None):
     """Runs ``cfg`` into the run folder ``rd`` and writes its outputs; ``resume`` continues from the
     folder's checkpoints, ``stop_after`` stops (returns ``None``) after that many experiences."""
@@ -137,7 +148,7 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
         out = run_fcl(stream, make, lambda phase: fit(phase, device=device), num_clients=f.num_clients,
                       rounds=f.rounds, partition=f.partition, alpha=f.dirichlet_alpha, seed=f.partition_seed,
                       eval_batch_size=cfg.train.eval_batch_size, dp=dp, device=device,
-                      checkpoint=(lambda t, st: rd.save_checkpoint(f"fcl_exp{t}.pt", st)) if cfg.run.checkpoint
+                      checkpoint=(lambda t, st: _save_latest(rd, "fcl_exp", t, st)) if cfg.run.checkpoint
                       else None,
                       resume=rd.load_checkpoint(last[1], map_location=device) if last else None,
                       stop_after=stop_after)
@@ -181,7 +192,7 @@ def run_fcl_kind(cfg, rd, *, resume: bool = False, stop_after: int | None = None
             row = evaluate_stream(central, evals[: t + 1], cfg.train.eval_batch_size)
             Rc.append(row + [float("nan")] * (len(stream) - len(row)))
             if cfg.run.checkpoint:
-                rd.save_checkpoint(f"central_exp{t}.pt", {"strategy": central.state_dict(), "R": Rc})
+                _save_latest(rd, "central_exp", t, {"strategy": central.state_dict(), "R": Rc})
         Rc = np.array(Rc, dtype=float)
         metrics["centralised"] = {"R": Rc.tolist(), **summarize(np.nan_to_num(Rc), n, None, multi_domain=multi)}
     rd.write_json("fcl_rounds.json", out["rounds"])
