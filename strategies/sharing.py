@@ -44,6 +44,13 @@ both follow it):
   adapters; the server's ``aggregate_shared`` finishes the experience from them (MOS: class
   means/covariances, prototypes, classifier alignment) and ships the result in ``agg``.
 * Then the server's ``end_experience()`` is called and the server copy is evaluated.
+* **What travels** (:meth:`SharedState.to_arrays`, the wire format; ``nbytes()`` counts it): the
+  arrays whole, and of each :class:`ClassStats` only the rows with a non-zero entry plus a (C,)
+  uint8 row mask (:meth:`ClassStats.to_wire`). A client's statistics hold only its share's
+  classes, all of the current experience (under DP every noised row, i.e. all the experience's
+  classes, whether or not the client holds data of them); an aggregate's, the classes seen so far.
+  The receiver puts the zero rows back (:meth:`ClassStats.from_wire`), so in memory statistics are
+  dense (C rows) and the server's sums are exactly those of dense uploads.
 * **DP** (``fcl.dp``, :mod:`adaptsim.federated.fcl.dp`): the loop sets ``dp_feature_clip`` on
   every client strategy; a strategy that shares :class:`ClassStats` must build them with
   ``class_stats(..., clip=self.dp_feature_clip)`` from *one* pass over its share (each example
@@ -125,8 +132,44 @@ class ClassStats:
                 cov[c] = (v * w) @ v.T
         return cov
 
+    def rows(self) -> np.ndarray:
+        """(C,) bool: the rows that travel: any entry non-zero (a client's classes of the current
+        experience; after :func:`gaussian_release` every noised row, i.e. all the experience's
+        classes; an aggregate's: the classes seen so far). The other rows are exactly 0."""
+        nz = (self.counts != 0) | np.any(self.sums != 0, axis=1)
+        if self.outer is not None:
+            nz |= np.any(self.outer.reshape(len(self.counts), -1) != 0, axis=1)
+        return nz
+
+    def to_wire(self) -> dict[str, np.ndarray]:
+        """The rows that travel, lossless: ``rows`` (C,) uint8 mask, and ``counts``, ``sums``,
+        ``outer`` of those rows only (:meth:`from_wire` puts the zero rows back)."""
+        m = self.rows()
+        out = {"rows": m.astype(np.uint8), "counts": np.ascontiguousarray(self.counts[m]),
+               "sums": np.ascontiguousarray(self.sums[m])}
+        if self.outer is not None:
+            out["outer"] = np.ascontiguousarray(self.outer[m])
+        return out
+
+    @classmethod
+    def from_wire(cls, parts: Mapping[str, np.ndarray]) -> "ClassStats":
+        """Inverse of :meth:`to_wire` (without ``rows``: dense parts, as written before row selection)."""
+        if "rows" not in parts:
+            return cls(np.array(parts["counts"]), np.array(parts["sums"]),
+                       None if parts.get("outer") is None else np.array(parts["outer"]))
+        m = np.asarray(parts["rows"]).astype(bool)
+
+        def full(a: np.ndarray) -> np.ndarray:
+            a = np.asarray(a)
+            out = np.zeros((len(m), *a.shape[1:]), a.dtype)
+            out[m] = a
+            return out
+
+        return cls(full(parts["counts"]), full(parts["sums"]), None if "outer" not in parts else full(parts["outer"]))
+
     def nbytes(self) -> int:
-        return int(self.counts.nbytes + self.sums.nbytes + (0 if self.outer is None else self.outer.nbytes))
+        """Bytes on the wire (:meth:`to_wire`: the non-zero rows and their mask)."""
+        return int(sum(a.nbytes for a in self.to_wire().values()))
 
 
 def clip_features(f: torch.Tensor, clip: float | None) -> torch.Tensor:
@@ -202,19 +245,18 @@ class SharedState:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes by kind: ``arrays`` and ``stats``."""
+        """Bytes on the wire by kind: ``arrays`` and ``stats`` (the rows that travel)."""
         return {"arrays": int(sum(a.nbytes for a in self.arrays.values())),
                 "stats": int(sum(s.nbytes() for s in self.stats.values()))}
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """This state as flat named arrays, lossless (the wire format of Flower messages):
-        ``arrays/<name>``, ``stats/<kind>/counts|sums|outer``, ``fcl/weight``, ``fcl/meta`` (JSON bytes)."""
+        ``arrays/<name>``, ``stats/<kind>/rows|counts|sums|outer`` (:meth:`ClassStats.to_wire`: only
+        the non-zero rows), ``fcl/weight``, ``fcl/meta`` (JSON bytes)."""
         out = {f"arrays/{k}": np.asarray(v) for k, v in self.arrays.items()}
         for kind, st in self.stats.items():
-            out[f"stats/{kind}/counts"] = np.asarray(st.counts)
-            out[f"stats/{kind}/sums"] = np.asarray(st.sums)
-            if st.outer is not None:
-                out[f"stats/{kind}/outer"] = np.asarray(st.outer)
+            for part, a in st.to_wire().items():
+                out[f"stats/{kind}/{part}"] = a
         out["fcl/weight"] = np.array([int(self.weight)], np.int64)
         out["fcl/meta"] = np.frombuffer(json.dumps(self.meta).encode(), np.uint8).copy()
         return out
@@ -228,7 +270,7 @@ class SharedState:
             if k.startswith("stats/"):
                 kind, part = k[len("stats/"):].rsplit("/", 1)
                 parts.setdefault(kind, {})[part] = np.array(v)
-        stats = {kind: ClassStats(p["counts"], p["sums"], p.get("outer")) for kind, p in sorted(parts.items())}
+        stats = {kind: ClassStats.from_wire(p) for kind, p in sorted(parts.items())}
         meta = json.loads(bytes(np.asarray(arrays["fcl/meta"], np.uint8)).decode())
         return cls(named, int(np.asarray(arrays["fcl/weight"]).reshape(-1)[0]), stats, meta)
 

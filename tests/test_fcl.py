@@ -135,3 +135,20 @@ def test_fcl_run_kind_refuses_a_strategy_without_sharing(tmp_path, capsys):
     rc = main(["run", "scenarios/tiny_digits.yaml", "--kind=fcl", "--strategy.name=joint", f"--run.out_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "simplecil" in err and not any(tmp_path.iterdir())
+
+
+def test_only_the_non_zero_class_rows_travel_and_come_back_exactly():
+    from adaptsim.strategies.sharing import SharedState, class_stats, gaussian_release
+
+    g = torch.Generator().manual_seed(0)
+    feats, y = torch.randn(50, 8, generator=g), torch.randint(4, 6, (50,), generator=g)  # classes 4, 5 of 10
+    st = class_stats(feats, y, 10, outer=True)
+    noisy = gaussian_release(st, [4, 5, 6], clip=100.0, noise_multiplier=1.0, generator=g)  # 6: no data, noised
+    for stats, rows in ((st, 2), (noisy, 3)):
+        wire = SharedState({}, 50, {"c": stats}).to_arrays()
+        assert wire["stats/c/sums"].shape == (rows, 8) and wire["stats/c/outer"].shape == (rows, 8, 8)
+        back = SharedState.from_arrays(wire).stats["c"]
+        for a, b in ((back.counts, stats.counts), (back.sums, stats.sums), (back.outer, stats.outer)):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+        assert stats.nbytes() == sum(v.nbytes for k, v in wire.items() if k.startswith("stats/"))
+        assert stats.nbytes() < 10 * 8 * 8 * 8
